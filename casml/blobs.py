@@ -1,0 +1,771 @@
+"""Store immutable byte objects and manifests, content-addressed, behind fsspec.
+
+This layer knows nothing of SQL or of what the bytes mean. Under a root (a local folder,
+``memory://...``, ``s3://bucket/prefix``, any fsspec URL) it keeps::
+
+    objects/<2 hex>/<30 hex>     blobs, keyed by the xxh3-128 hex digest of their bytes
+    manifests/<2 hex>/<30 hex>   opaque immutable documents keyed by an artifact address
+
+Writes are atomic and create-only. On a local disk a blob is written to a temporary file
+(``.<name>.<random>.tmp``) in its final directory and then hard-linked into place, so a reader
+never sees a partial object, two writers of one blob both succeed with one copy remaining, and
+the first writer of a manifest wins. Other backends write whole objects with
+``fs.pipe_file`` (object stores publish an object atomically); see :meth:`BlobStore._put_generic`.
+
+Every read of a blob re-hashes its bytes and raises :class:`~casml.errors.IntegrityError` on a
+mismatch. Every key is validated before a path is built, so hostile input never reaches the
+filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import inspect
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import fsspec
+import fsspec.core
+import xxhash
+from fsspec.implementations.local import LocalFileSystem
+
+from casml.errors import (
+    CasmlError,
+    IntegrityError,
+    InvalidHashError,
+    NotFoundError,
+    StorageError,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "BlobStore",
+    "WriteStats",
+    "digest_of",
+    "is_digest",
+]
+
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+"""Size of the pieces :meth:`BlobStore.put_chunked` cuts a large buffer into."""
+
+OBJECTS_DIR = "objects"
+MANIFESTS_DIR = "manifests"
+TEMP_SUFFIX = ".tmp"
+
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+_PREFIX_RE = re.compile(r"[0-9a-f]{2,32}")
+_HEX2_RE = re.compile(r"[0-9a-f]{2}")
+_HEX30_RE = re.compile(r"[0-9a-f]{30}")
+
+# Linux caps a single write()/read() at 0x7ffff000 bytes; stay below it on every OS.
+_MAX_IO = 1 << 30
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
+# xxhash keeps the GIL while hashing but file and network I/O release it, so a couple of
+# threads overlap one chunk's hashing with another's write; more threads only add contention.
+_DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def is_digest(s: object) -> bool:
+    """Return True if ``s`` is a digest or address: exactly 32 lowercase hex characters."""
+    return isinstance(s, str) and _DIGEST_RE.fullmatch(s) is not None
+
+
+def digest_of(data: bytes | bytearray | memoryview) -> str:
+    """Return the blob key of ``data``: the xxh3-128 hex digest of its exact bytes."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def _require_digest(value: object, what: str = "blob digest") -> str:
+    if not is_digest(value):
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise InvalidHashError(
+            f"{shown} is not a valid {what}: expected exactly 32 lowercase hex characters "
+            "(an xxh3-128 hex digest); pass the full hash as casml returned it"
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def _byte_view(data: bytes | bytearray | memoryview, what: str) -> memoryview:
+    """Return a flat unsigned-byte view of ``data`` without copying it."""
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if not view.c_contiguous:
+        raise CasmlError(
+            f"the {what} buffer is not C-contiguous, so its bytes cannot be viewed without a "
+            "copy; pass a contiguous buffer (for a Fortran-ordered numpy array, pass arr.T)"
+        )
+    return view.cast("B")
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """Count what this BlobStore wrote, cumulatively since it was created.
+
+    ``objects_written``/``bytes_written`` count blobs this store actually wrote (a blob that
+    already existed counts nothing); ``manifests_written``/``manifest_bytes_written`` count
+    manifests this store created. :attr:`BlobStore.stats` returns a snapshot, so two
+    snapshots compare equal exactly when nothing was written in between.
+    """
+
+    objects_written: int = 0
+    bytes_written: int = 0
+    manifests_written: int = 0
+    manifest_bytes_written: int = 0
+
+
+class BlobStore:
+    """Keep content-addressed blobs and create-only manifests under one fsspec root.
+
+    Build one with :meth:`from_url` (``"/some/folder"``, ``"memory://name"``,
+    ``"s3://bucket/prefix"``) or from an existing filesystem object. Nothing is created on disk
+    until the first write. Instances are safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        fsync: bool = False,
+        workers: int | None = None,
+    ) -> None:
+        """Open the store rooted at ``root`` on ``fs``; ``workers`` caps the I/O threads."""
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise CasmlError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if workers is not None and workers < 1:
+            raise CasmlError(f"workers must be at least 1, got {workers!r}")
+        self.fs = fs
+        self.chunk_size = chunk_size
+        self.fsync = fsync
+        self.workers = workers or _DEFAULT_WORKERS
+        self._local = isinstance(fs, LocalFileSystem)
+        stripped = fs._strip_protocol(root)
+        if self._local:
+            stripped = os.path.abspath(os.path.expanduser(stripped))
+        # "/" (a filesystem root) must survive the trailing-slash strip.
+        self.root: str = stripped.rstrip("/") or stripped
+        self._base = self.root if self.root.endswith("/") else self.root + "/"
+        self._lock = threading.Lock()
+        self._stats = WriteStats()
+        self._pipe_has_mode = "mode" in _parameters(fs.pipe_file)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> BlobStore:
+        """Open a store from a URL or a plain path (a plain path means a local folder)."""
+        try:
+            fs, path = fsspec.core.url_to_fs(os.fspath(url), **dict(storage_options or {}))
+        except (ValueError, ImportError, OSError) as exc:
+            raise StorageError(
+                f"cannot open storage {url!r}: {exc}; check the URL and, for a remote "
+                "protocol, that its fsspec backend (e.g. s3fs) is installed"
+            ) from exc
+        return cls(fs, path, **kw)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def url(self) -> str:
+        """The root as a URL-ish string: a plain absolute path when local."""
+        if self._local:
+            return self.root
+        return str(self.fs.unstrip_protocol(self.root))
+
+    @property
+    def is_local(self) -> bool:
+        """True when the root is a local folder (the fast ``os``-based path is used)."""
+        return self._local
+
+    @property
+    def stats(self) -> WriteStats:
+        """A snapshot of the cumulative write counters."""
+        return self._stats
+
+    def __repr__(self) -> str:
+        return f"BlobStore({self.url!r})"
+
+    # ------------------------------------------------------------------ paths
+
+    def _object_path(self, digest: str) -> str:
+        _require_digest(digest)
+        return f"{self._base}{OBJECTS_DIR}/{digest[:2]}/{digest[2:]}"
+
+    def _manifest_path(self, address: str) -> str:
+        _require_digest(address, "artifact address")
+        return f"{self._base}{MANIFESTS_DIR}/{address[:2]}/{address[2:]}"
+
+    def _count(
+        self, *, objects: int = 0, nbytes: int = 0, manifests: int = 0, mbytes: int = 0
+    ) -> None:
+        with self._lock:
+            s = self._stats
+            self._stats = WriteStats(
+                s.objects_written + objects,
+                s.bytes_written + nbytes,
+                s.manifests_written + manifests,
+                s.manifest_bytes_written + mbytes,
+            )
+
+    # ------------------------------------------------------------------ blobs: write
+
+    def put_bytes(self, data: bytes | bytearray | memoryview) -> str:
+        """Store ``data`` as one blob and return its digest; writes nothing if it exists."""
+        view = _byte_view(data, "blob")
+        digest, _, written = self._put_one(view)
+        if written:
+            self._count(objects=1, nbytes=len(view))
+        return digest
+
+    def put_chunked(self, data: bytes | bytearray | memoryview) -> list[tuple[str, int]]:
+        """Store ``data`` cut into ``chunk_size`` pieces; return ``[(digest, size), ...]``.
+
+        Only missing pieces are written. The pieces are memoryview slices of ``data`` (no
+        copies), hashed and written by a small thread pool. A buffer of at most
+        ``chunk_size`` bytes (also an empty one) is a single chunk.
+        """
+        view = _byte_view(data, "blob")
+        n = len(view)
+        size = self.chunk_size
+        pieces = [view[i : i + size] for i in range(0, n, size)] or [view]
+        results = self._map(self._put_one, pieces)
+        objects = sum(1 for _, _, w in results if w)
+        nbytes = sum(s for _, s, w in results if w)
+        if objects:
+            self._count(objects=objects, nbytes=nbytes)
+        return [(d, s) for d, s, _ in results]
+
+    def _put_one(self, view: memoryview) -> tuple[str, int, bool]:
+        """Hash and store one piece; return (digest, size, whether this call wrote it)."""
+        digest = xxhash.xxh3_128_hexdigest(view)
+        path = self._object_path(digest)
+        if self._local:
+            if self._local_touch_existing(path):
+                return digest, len(view), False
+            written = self._local_put(path, view)
+        else:
+            written = self._put_generic(path, view, exclusive=False)
+        return digest, len(view), written
+
+    def _map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """Apply ``fn`` to every item, in a thread pool when there is more than one."""
+        if len(items) <= 1 or self.workers == 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(
+            max_workers=min(self.workers, len(items)), thread_name_prefix="casml-blobs"
+        ) as pool:
+            return list(pool.map(fn, items))
+
+    # ------------------------------------------------------------------ local backend
+
+    def _local_touch_existing(self, path: str) -> bool:
+        """Return True if ``path`` exists, refreshing its mtime.
+
+        A blob that a put relies on must not look old to a garbage collector that deletes
+        unreferenced blobs after a grace period, so a deduplicated put counts as a fresh use.
+        """
+        try:
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            # A read-only or foreign-owned store: existence is all that matters then.
+            return os.path.exists(path)
+
+    def _local_put(self, path: str, view: memoryview) -> bool:
+        """Write ``view`` to ``path`` atomically; return False if ``path`` already existed.
+
+        The bytes go to a temporary file in the same directory, which is then hard-linked to
+        the final name: ``link`` fails with FileExistsError instead of replacing, so the first
+        writer wins and nobody ever observes a partially written file.
+        """
+        directory, name = path.rsplit("/", 1)
+        tmp = f"{directory}/.{name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY
+        try:
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:
+                self._local_makedirs(directory)
+                fd = os.open(tmp, flags, 0o644)
+        except OSError as exc:
+            raise _storage_error("create a temporary file for", path, exc) from exc
+        try:
+            try:
+                with memoryview(view) as remaining:
+                    pos, total = 0, len(remaining)
+                    while pos < total:
+                        pos += os.write(fd, remaining[pos : pos + _MAX_IO])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+                created = True
+            except FileExistsError:
+                created = False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                # No hard links here (some network or FAT mounts): fall back to an exclusive
+                # create, which keeps create-only semantics but not atomic visibility.
+                created = self._local_put_exclusive(path, view)
+        except OSError as exc:
+            raise _storage_error("write", path, exc) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if created and self.fsync:
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                raise _storage_error("sync the directory of", path, exc) from exc
+        return created
+
+    def _local_put_exclusive(self, path: str, view: memoryview) -> bool:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            pos, total = 0, len(view)
+            while pos < total:
+                pos += os.write(fd, view[pos : pos + _MAX_IO])
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _local_makedirs(self, directory: str) -> None:
+        missing: list[str] = []
+        d = directory
+        while d and not os.path.isdir(d) and d != os.path.dirname(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        os.makedirs(directory, exist_ok=True)
+        if self.fsync:
+            # A new directory entry is durable only once its parent directory is synced.
+            for new_dir in missing:
+                _fsync_dir(os.path.dirname(new_dir))
+
+    def _local_read_all(self, path: str, what: str, key: str) -> bytes:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return f.readall()
+        except FileNotFoundError as exc:
+            raise self._not_found(what, key, path) from exc
+        except OSError as exc:
+            raise _storage_error("read", path, exc) from exc
+
+    # ------------------------------------------------------------------ generic backend
+
+    def _generic_exists(self, path: str) -> bool:
+        try:
+            return bool(self.fs.isfile(path))
+        except OSError as exc:
+            raise _storage_error("check", path, exc) from exc
+
+    def _put_generic(self, path: str, view: memoryview, *, exclusive: bool) -> bool:
+        """Write one whole object on a non-local backend; return False if it already existed.
+
+        Object stores publish an object atomically when its upload completes, so readers never
+        see a partial object. A blob is only written after an existence check; if two writers
+        race, both upload identical bytes, which is harmless. A manifest (``exclusive=True``)
+        is written with ``mode="create"`` where the backend supports it; a backend without an
+        atomic create (plain S3 before conditional writes) can let a racing second writer
+        replace the first. Subclasses specialise this method (e.g. S3 ``If-None-Match``).
+        """
+        try:
+            if self._generic_exists(path):
+                return False
+            data = bytes(view)  # remote clients (botocore) want bytes, not memoryviews
+            if exclusive and self._pipe_has_mode:
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    return False
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise _storage_error("write", path, exc) from exc
+        return True
+
+    def _generic_read_all(self, path: str, what: str, key: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(path))
+        except FileNotFoundError as exc:
+            raise self._not_found(what, key, path) from exc
+        except OSError as exc:
+            raise _storage_error("read", path, exc) from exc
+
+    def _generic_list(self, directory: str) -> list[str]:
+        """Return the base names in ``directory`` (empty when it does not exist)."""
+        with contextlib.suppress(Exception):
+            # A cached listing could claim a deleted object still exists.
+            self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise _storage_error("list", directory, exc) from exc
+        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+    # ------------------------------------------------------------------ blobs: read
+
+    def get_bytes(self, digest: str) -> bytes:
+        """Return the bytes of blob ``digest``, verified against the digest."""
+        path = self._object_path(digest)
+        if self._local:
+            data = self._local_read_all(path, "blob", digest)
+        else:
+            data = self._generic_read_all(path, "blob", digest)
+        self._verify(digest, path, data)
+        return data
+
+    def read_into(self, chunks: Sequence[tuple[str, int]], out: memoryview) -> None:
+        """Reassemble ``chunks`` into the writable buffer ``out``, verifying every chunk.
+
+        ``out`` must hold exactly the total size. Local files are read straight into the
+        buffer (``readinto``), with no intermediate copy.
+        """
+        view = _byte_view(out, "output")
+        if view.readonly:
+            raise CasmlError("read_into needs a writable buffer, got a read-only one")
+        jobs: list[tuple[str, str, memoryview]] = []
+        pos = 0
+        for digest, size in chunks:
+            path = self._object_path(digest)
+            if not isinstance(size, int) or size < 0:
+                raise IntegrityError(f"chunk {digest} has an invalid size {size!r}")
+            jobs.append((digest, path, view[pos : pos + size]))
+            pos += size
+        if pos != len(view):
+            raise IntegrityError(
+                f"the chunk sizes add up to {pos} bytes but the output buffer holds "
+                f"{len(view)}; the manifest listing these chunks is inconsistent, run "
+                "`casml verify`"
+            )
+        reader = self._local_read_chunk if self._local else self._generic_read_chunk
+        self._map(reader, jobs)
+
+    def _local_read_chunk(self, job: tuple[str, str, memoryview]) -> None:
+        digest, path, target = job
+        try:
+            with open(path, "rb", buffering=0) as f:
+                stored = os.fstat(f.fileno()).st_size
+                if stored != len(target):
+                    raise self._corrupt(
+                        digest, path, f"it holds {stored} bytes where {len(target)} were expected"
+                    )
+                pos = 0
+                while pos < len(target):
+                    n = f.readinto(target[pos : pos + _MAX_IO])
+                    if not n:
+                        raise self._corrupt(digest, path, "it was truncated while being read")
+                    pos += n
+        except FileNotFoundError as exc:
+            raise self._not_found("blob", digest, path) from exc
+        except OSError as exc:
+            raise _storage_error("read", path, exc) from exc
+        self._verify(digest, path, target)
+
+    def _generic_read_chunk(self, job: tuple[str, str, memoryview]) -> None:
+        digest, path, target = job
+        data = self._generic_read_all(path, "blob", digest)
+        if len(data) != len(target):
+            raise self._corrupt(
+                digest, path, f"it holds {len(data)} bytes where {len(target)} were expected"
+            )
+        self._verify(digest, path, data)
+        target[:] = data
+
+    def _verify(self, digest: str, path: str, data: bytes | memoryview) -> None:
+        actual = xxhash.xxh3_128_hexdigest(data)
+        if actual != digest:
+            raise self._corrupt(digest, path, f"its bytes hash to {actual}")
+
+    def _corrupt(self, digest: str, path: str, detail: str) -> IntegrityError:
+        return IntegrityError(
+            f"blob {digest} at {path} is corrupt: {detail}. The stored bytes are damaged; "
+            "run `casml verify` to find every damaged object, then restore it from a remote "
+            "(`casml pull`) or put the object again"
+        )
+
+    def _not_found(self, what: str, key: str, path: str) -> NotFoundError:
+        return NotFoundError(
+            f"{what} {key} is not stored in {self.url} (no file at {path}); it was never "
+            "written there or has been deleted: pull it from a remote or put it again"
+        )
+
+    # ------------------------------------------------------------------ blobs: queries
+
+    def exists(self, digest: str) -> bool:
+        """Return True if blob ``digest`` is stored (its content is not checked)."""
+        path = self._object_path(digest)
+        if self._local:
+            return os.path.isfile(path)
+        return self._generic_exists(path)
+
+    def missing(self, digests: Iterable[str]) -> set[str]:
+        """Return the subset of ``digests`` that is not stored.
+
+        Local: one ``stat`` per digest (cheaper than listing large prefix directories).
+        Other backends: one listing per prefix directory holding several of the digests,
+        one existence check for a lone digest.
+        """
+        wanted = {_require_digest(d) for d in digests}
+        if self._local:
+            return {d for d in wanted if not os.path.isfile(self._object_path(d))}
+        groups: dict[str, list[str]] = {}
+        for d in wanted:
+            groups.setdefault(d[:2], []).append(d)
+        out: set[str] = set()
+        for prefix, group in groups.items():
+            if len(group) == 1:
+                if not self._generic_exists(self._object_path(group[0])):
+                    out.add(group[0])
+                continue
+            present = set(self._generic_list(f"{self._base}{OBJECTS_DIR}/{prefix}"))
+            out.update(d for d in group if d[2:] not in present)
+        return out
+
+    def size(self, digest: str) -> int:
+        """Return the stored size in bytes of blob ``digest``."""
+        path = self._object_path(digest)
+        try:
+            if self._local:
+                return os.stat(path).st_size
+            return int(self.fs.size(path))
+        except FileNotFoundError as exc:
+            raise self._not_found("blob", digest, path) from exc
+        except OSError as exc:
+            raise _storage_error("stat", path, exc) from exc
+
+    def modified_time(self, digest: str) -> datetime | None:
+        """Return when blob ``digest`` was last written or re-put (UTC), None if unknown."""
+        path = self._object_path(digest)
+        try:
+            if self._local:
+                return datetime.fromtimestamp(os.stat(path).st_mtime, tz=timezone.utc)
+            return self._generic_mtime(path)
+        except FileNotFoundError as exc:
+            raise self._not_found("blob", digest, path) from exc
+        except OSError as exc:
+            raise _storage_error("stat", path, exc) from exc
+
+    def _generic_mtime(self, path: str) -> datetime | None:
+        try:
+            value: Any = self.fs.modified(path)
+        except NotImplementedError:
+            info = self.fs.info(path)
+            value = next(
+                (
+                    info[k]
+                    for k in ("mtime", "LastModified", "last_modified", "created")
+                    if info.get(k)
+                ),
+                None,
+            )
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(value, tz=timezone.utc)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return None
+
+    def delete(self, digest: str) -> None:
+        """Delete blob ``digest``; deleting a blob that is not stored is not an error."""
+        self._delete_path(self._object_path(digest))
+
+    def _delete_path(self, path: str) -> None:
+        try:
+            if self._local:
+                os.unlink(path)
+            else:
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error("delete", path, exc) from exc
+
+    def iter_digests(self) -> Iterator[str]:
+        """Yield the digest of every stored blob (in no particular order)."""
+        return self._iter_keys(OBJECTS_DIR)
+
+    def _iter_keys(self, area: str) -> Iterator[str]:
+        top = f"{self._base}{area}"
+        if self._local:
+            try:
+                with os.scandir(top) as it:
+                    prefixes = sorted(e.name for e in it if _HEX2_RE.fullmatch(e.name))
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise _storage_error("list", top, exc) from exc
+            for prefix in prefixes:
+                try:
+                    with os.scandir(f"{top}/{prefix}") as it:
+                        names = [e.name for e in it if _HEX30_RE.fullmatch(e.name)]
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise _storage_error("list", f"{top}/{prefix}", exc) from exc
+                for name in sorted(names):
+                    yield prefix + name
+            return
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(top)
+        try:
+            found = self.fs.find(top, detail=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _storage_error("list", top, exc) from exc
+        for p in sorted(str(x) for x in found):
+            parts = p.rstrip("/").rsplit("/", 2)
+            if len(parts) == 3 and _HEX2_RE.fullmatch(parts[1]) and _HEX30_RE.fullmatch(parts[2]):
+                yield parts[1] + parts[2]
+
+    # ------------------------------------------------------------------ manifests
+
+    def put_manifest(self, address: str, data: bytes) -> bool:
+        """Create the manifest of ``address``; return False (keeping the old one) if it exists.
+
+        The first writer wins: a manifest is immutable once stored. Its content is not
+        checked here; the caller embeds its own checksum.
+        """
+        path = self._manifest_path(address)
+        view = _byte_view(data, "manifest")
+        if self._local:
+            if os.path.exists(path):
+                return False
+            created = self._local_put(path, view)
+        else:
+            created = self._put_generic(path, view, exclusive=True)
+        if created:
+            self._count(manifests=1, mbytes=len(view))
+        return created
+
+    def get_manifest(self, address: str) -> bytes:
+        """Return the stored manifest of ``address``; NotFoundError if there is none."""
+        path = self._manifest_path(address)
+        if self._local:
+            return self._local_read_all(path, "manifest of artifact", address)
+        return self._generic_read_all(path, "manifest of artifact", address)
+
+    def has_manifest(self, address: str) -> bool:
+        """Return True if a manifest is stored for ``address``."""
+        path = self._manifest_path(address)
+        if self._local:
+            return os.path.isfile(path)
+        return self._generic_exists(path)
+
+    def delete_manifest(self, address: str) -> None:
+        """Delete the manifest of ``address``; a missing manifest is not an error."""
+        self._delete_path(self._manifest_path(address))
+
+    def iter_manifests(self) -> Iterator[str]:
+        """Yield every address that has a manifest (in no particular order)."""
+        return self._iter_keys(MANIFESTS_DIR)
+
+    def manifests_with_prefix(self, prefix: str) -> list[str]:
+        """Return the sorted addresses starting with ``prefix`` (2 to 32 lowercase hex chars).
+
+        Only the one prefix directory is listed, never the whole store.
+        """
+        if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
+            raise InvalidHashError(
+                f"{prefix!r} is not a valid address prefix: expected 2 to 32 lowercase hex "
+                "characters"
+            )
+        directory = f"{self._base}{MANIFESTS_DIR}/{prefix[:2]}"
+        rest = prefix[2:]
+        if self._local:
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                return []
+            except OSError as exc:
+                raise _storage_error("list", directory, exc) from exc
+        else:
+            names = self._generic_list(directory)
+        return sorted(
+            prefix[:2] + n for n in names if n.startswith(rest) and _HEX30_RE.fullmatch(n)
+        )
+
+    # ------------------------------------------------------------------ maintenance
+
+    def clean_temp_files(self, older_than: float = 3600.0) -> int:
+        """Remove temporary files left by crashed local writers; return how many were removed.
+
+        Only files older than ``older_than`` seconds are touched, so in-flight writes of other
+        processes are safe. Non-local backends never leave temporary files behind.
+        """
+        if not self._local:
+            return 0
+        cutoff = time.time() - older_than
+        removed = 0
+        for area in (OBJECTS_DIR, MANIFESTS_DIR):
+            top = f"{self._base}{area}"
+            try:
+                with os.scandir(top) as it:
+                    dirs = [e.path for e in it if _HEX2_RE.fullmatch(e.name)]
+            except FileNotFoundError:
+                continue
+            for d in dirs:
+                with os.scandir(d) as it:
+                    for e in it:
+                        if not (e.name.startswith(".") and e.name.endswith(TEMP_SUFFIX)):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            if e.stat().st_mtime < cutoff:
+                                os.unlink(e.path)
+                                removed += 1
+        return removed
+
+
+def _parameters(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _fsync_dir(directory: str) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(action: str, path: str, exc: BaseException) -> StorageError:
+    return StorageError(
+        f"could not {action} {path}: {type(exc).__name__}: {exc}. Check that the storage is "
+        "reachable and that you may read and write there (permissions, credentials, free space)"
+    )
