@@ -13,20 +13,30 @@ from casml.errors import (
     InvalidHashError,
     NotFoundError,
     PickleNotAllowedError,
+    RegistrationError,
     StorageError,
     UnhashableError,
     UnregisteredClassError,
 )
 from casml.hashing import hash_value, register_hasher
+from casml.info import ArtifactInfo
+from casml.memo import CachedFunction
+from casml.persistable import Persistable
+from casml.store import Store
 
 __all__ = [
     "AmbiguousHashError",
+    "ArtifactInfo",
+    "CachedFunction",
     "CasmlError",
     "IntegrityError",
     "InvalidHashError",
     "NotFoundError",
+    "Persistable",
     "PickleNotAllowedError",
+    "RegistrationError",
     "StorageError",
+    "Store",
     "UnhashableError",
     "UnregisteredClassError",
     "__version__",
