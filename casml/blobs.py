@@ -59,6 +59,7 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 
 OBJECTS_DIR = "objects"
 MANIFESTS_DIR = "manifests"
+RECORDS_DIR = "records"
 TEMP_SUFFIX = ".tmp"
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
@@ -715,6 +716,46 @@ class BlobStore:
         return sorted(
             prefix[:2] + n for n in names if n.startswith(rest) and _HEX30_RE.fullmatch(n)
         )
+
+    # ------------------------------------------------------------------ records
+
+    def _record_path(self, key: str) -> str:
+        _require_digest(key, "record key")
+        return f"{self._base}{RECORDS_DIR}/{key[:2]}/{key[2:]}"
+
+    def put_record(self, data: bytes) -> str:
+        """Store a small immutable document keyed by its own digest; return the key.
+
+        Records carry what happens to artifacts after their manifest is written (names,
+        versions, tags), so that the index can be rebuilt from storage alone.
+        """
+        view = _byte_view(data, "record")
+        key = digest_of(view)
+        path = self._record_path(key)
+        if self._local:
+            if not os.path.exists(path):
+                self._local_put(path, view)
+        else:
+            self._put_generic(path, view, exclusive=True)
+        return key
+
+    def get_record(self, key: str) -> bytes:
+        """Return a stored record, verified against its key."""
+        path = self._record_path(key)
+        if self._local:
+            data = self._local_read_all(path, "record", key)
+        else:
+            data = self._generic_read_all(path, "record", key)
+        self._verify(key, path, data)
+        return data
+
+    def iter_records(self) -> Iterator[str]:
+        """Yield the key of every stored record (in no particular order)."""
+        return self._iter_keys(RECORDS_DIR)
+
+    def delete_record(self, key: str) -> None:
+        """Delete a record; a missing one is not an error."""
+        self._delete_path(self._record_path(key))
 
     # ------------------------------------------------------------------ maintenance
 

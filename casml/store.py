@@ -9,12 +9,18 @@ never an index row or manifest whose data is missing.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import xxhash
 
@@ -35,6 +41,10 @@ from casml.info import ArtifactInfo
 from casml.manifest import Manifest, dump_manifest, load_manifest, writer_versions
 from casml.memo import CachedFunction
 from casml.persistable import LazyReference, Persistable
+from casml.sync import TransferReport, transfer
+
+if TYPE_CHECKING:
+    from casml.maintenance import DiskUsage, GcReport, VerifyReport
 
 __all__ = ["Store", "default_root"]
 
@@ -92,6 +102,11 @@ def _check_tags(tags: object) -> dict[str, str]:
     return checked
 
 
+def _dump_record(body: dict[str, Any]) -> bytes:
+    # Canonical bytes: the same naming always gives the same record key (idempotent).
+    return json.dumps({"casml_record": 1, **body}, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _class_name_of_value(value: object) -> str:
     cls = type(value)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -120,12 +135,18 @@ class Store:
     ) -> None:
         location = str(default_root() if root is None else root)
         self._blobs = BlobStore.from_url(location, storage_options)
+        cache_index = index is None and not self._blobs.is_local
         if index is None:
             index = self._default_index_url(location)
         self._index = Index(index)
         self.allow_pickle = allow_pickle
         self.remote = remote
-        self.lease_seconds = lease_seconds
+        if lease_seconds <= 0:
+            raise CasmlError(f"lease_seconds must be positive, got {lease_seconds}")
+        self.lease_seconds = float(lease_seconds)
+        if cache_index and not location.startswith("memory://"):
+            # The bucket is the truth; this machine's cached index catches up on open.
+            self.reindex()
 
     def _default_index_url(self, location: str) -> str:
         if self._blobs.is_local:
@@ -189,8 +210,33 @@ class Store:
         if manifest is None:
             manifest = self._write(obj, address, memo)
         memo[id(obj)] = manifest.address
-        self._index.add(self._record(manifest), name=name, tags=tags or None)
+        self._index_named(manifest, name, tags)
         return manifest.address
+
+    def _index_named(
+        self, manifest: Manifest, name: str | None, tags: dict[str, str] | None = None
+    ) -> ArtifactInfo:
+        """Add index rows, then record the naming and tags in storage for reindex/pull."""
+        info = self._index.add(self._record(manifest), name=name, tags=tags or None)
+        if name is not None:
+            version = info.version if info.name == name else None
+            self._blobs.put_record(
+                _dump_record(
+                    {"kind": "name", "address": info.hash, "name": name, "version": version}
+                )
+            )
+        if tags:
+            self._blobs.put_record(
+                _dump_record(
+                    {
+                        "kind": "tags",
+                        "address": info.hash,
+                        "tags": dict(tags),
+                        "at": datetime.now(timezone.utc).isoformat(),
+                    }
+                )
+            )
+        return info
 
     def _address_of(self, obj: Any) -> str | None:
         if isinstance(obj, Persistable):
@@ -314,6 +360,9 @@ class Store:
         matches = self._index.match_prefix(normalized, limit=2)
         if not matches:
             matches = self._blobs.manifests_with_prefix(normalized)[:2]
+        if not matches and self.remote is not None:
+            with contextlib.suppress(NotFoundError):
+                matches = [self.remote._resolve(normalized)]
         if not matches:
             raise NotFoundError(f"no artifact hash starts with {normalized!r} in {self.root}")
         if len(matches) > 1:
@@ -327,6 +376,10 @@ class Store:
         try:
             data = self._blobs.get_manifest(address)
         except NotFoundError:
+            if self.remote is not None and self.remote._stored(address):
+                # Fetch it with its dependencies and keep the local copy.
+                self.pull(self.remote, [address])
+                return load_manifest(self._blobs.get_manifest(address), address)
             raise NotFoundError(
                 f"no artifact {address} in {self.root}; if it was stored on another machine, "
                 "reach the same storage or pull it from there"
@@ -390,7 +443,7 @@ class Store:
             address = self._resolve(key)
         except (NotFoundError, AmbiguousHashError):
             return False
-        return self._index.contains(address) or self._blobs.has_manifest(address)
+        return self._stored(address)
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
@@ -438,14 +491,105 @@ class Store:
             raise NotFoundError(f"no artifact {address} in {self.root}")
 
     def reindex(self) -> int:
-        """Index every manifest in storage that the index lacks; return how many were added."""
+        """Bring the index up to date from storage alone; return how many artifacts were added.
+
+        Incremental: manifests the index lacks are indexed, then the name and tag records
+        are replayed in order, so names, versions and tags survive a lost database.
+        """
+        stored = list(self._blobs.iter_manifests())
+        missing = self._index.missing(stored)
         added = 0
-        for address in self._blobs.iter_manifests():
-            if self._index.contains(address):
-                continue
-            self._index.add(self._record(self._read_manifest(address)))
-            added += 1
+        for address in stored:
+            if address in missing:
+                try:
+                    self._index.add(self._record(self._read_manifest(address)))
+                except IntegrityError as exc:
+                    warnings.warn(f"reindex skipped a damaged artifact: {exc}", stacklevel=2)
+                    continue
+                added += 1
+        records = [record for _, _, record in self._records()]
+        names = sorted(
+            (r for r in records if r.get("kind") == "name"),
+            key=lambda r: (str(r.get("name")), r.get("version") or 0, str(r.get("address"))),
+        )
+        tag_sets = sorted(
+            (r for r in records if r.get("kind") == "tags"), key=lambda r: str(r.get("at"))
+        )
+        for record in [*names, *tag_sets]:
+            with contextlib.suppress(NotFoundError):
+                self._apply_record(record)
         return added
+
+    def _records(self) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+        """Every readable name/tag record in storage: (key, raw bytes, parsed)."""
+        for key in self._blobs.iter_records():
+            try:
+                data = self._blobs.get_record(key)
+                record = json.loads(data)
+            except (IntegrityError, ValueError) as exc:
+                warnings.warn(f"skipping damaged record {key}: {exc}", stacklevel=3)
+                continue
+            if isinstance(record, dict) and record.get("casml_record") == 1:
+                yield key, data, record
+
+    def _apply_record(self, record: Mapping[str, Any]) -> None:
+        address = record.get("address")
+        if not isinstance(address, str) or not _KEY.match(address) or len(address) != 32:
+            return
+        if not self._blobs.has_manifest(address):
+            raise NotFoundError(f"no artifact {address}")
+        manifest = self._read_manifest(address)
+        if record.get("kind") == "name" and isinstance(record.get("name"), str):
+            self._index.add(self._record(manifest), name=_check_name(record["name"]))
+        elif record.get("kind") == "tags" and isinstance(record.get("tags"), dict):
+            self._index.add(self._record(manifest), tags=_check_tags(record["tags"]))
+
+    # -- sharing --------------------------------------------------------------------------
+
+    def push(
+        self, other: Store | None = None, hashes: Iterable[str] | None = None
+    ) -> TransferReport:
+        """Copy artifacts (default: all) with their dependencies to ``other`` (default: remote).
+
+        Only blobs and manifests the other store lacks are transferred; running it again
+        transfers nothing. Returns what was moved.
+        """
+        return transfer(self, self._other(other, "push"), hashes)
+
+    def pull(
+        self, other: Store | None = None, hashes: Iterable[str] | None = None
+    ) -> TransferReport:
+        """Copy artifacts (default: all) and their dependencies from ``other`` (or the remote)."""
+        return transfer(self._other(other, "pull"), self, hashes)
+
+    def _other(self, other: Store | None, action: str) -> Store:
+        target = other if other is not None else self.remote
+        if target is None:
+            raise CasmlError(
+                f"nothing to {action} with: pass another Store, or open this one with "
+                "remote=Store(...)"
+            )
+        return target
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def gc(self, *, grace: float | timedelta = 3600.0, dry_run: bool = False) -> GcReport:
+        """Delete blobs that no artifact reaches, once older than ``grace`` seconds."""
+        from casml.maintenance import gc
+
+        return gc(self, grace=grace, dry_run=dry_run)
+
+    def verify(self, *, repair: bool = False) -> VerifyReport:
+        """Re-hash every blob and cross-check manifests and index rows; report the problems."""
+        from casml.maintenance import verify
+
+        return verify(self, repair=repair)
+
+    def du(self) -> DiskUsage:
+        """Logical bytes (what artifacts hold) against stored bytes, and the dedup ratio."""
+        from casml.maintenance import disk_usage
+
+        return disk_usage(self)
 
     # -- "only train if new" -------------------------------------------------------------
 
@@ -460,22 +604,56 @@ class Store:
         """
         checked_name = _check_name(name)
         address = obj.hash_
+        if self._stored(address):
+            return self._load_stored(obj, address, checked_name)
+        owner = uuid.uuid4().hex
+        pause = 0.02
+        while not self._index.claim_lease(address, owner, self.lease_seconds):
+            # Another process is building this configuration: wait for its artifact, or for
+            # its lease to expire (a crashed builder) and take over.
+            time.sleep(pause)
+            pause = min(pause * 1.5, max(0.05, self.lease_seconds / 10))
+            if self._stored(address):
+                return self._load_stored(obj, address, checked_name)
+        stop = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew_lease, args=(address, owner, stop), daemon=True
+        )
+        renewer.start()
+        try:
+            if self._stored(address):  # finished by the previous holder meanwhile
+                return self._load_stored(obj, address, checked_name)
+            for attribute in type(obj).hash_attributes:
+                if attribute in obj.__dict__:
+                    obj.__dict__[attribute] = self._built(obj.__dict__[attribute])
+            obj.build()
+            self._put(obj, checked_name, {}, {})
+            return obj
+        finally:
+            stop.set()
+            renewer.join()
+            with contextlib.suppress(CasmlError):
+                self._index.release_lease(address, owner)
+
+    def _renew_lease(self, address: str, owner: str, stop: threading.Event) -> None:
+        while not stop.wait(self.lease_seconds / 3):
+            with contextlib.suppress(CasmlError):
+                self._index.claim_lease(address, owner, self.lease_seconds)
+
+    def _stored(self, address: str) -> bool:
         if self._index.contains(address) or self._blobs.has_manifest(address):
-            if checked_name is not None:
-                self._index.add(self._record(self._read_manifest(address)), name=checked_name)
-            loaded = self._load(address, {})
-            if not isinstance(loaded, type(obj)):
-                raise IntegrityError(
-                    f"artifact {address} holds a {type(loaded).__name__}, not a "
-                    f"{type(obj).__name__}"
-                )
-            return loaded
-        for attribute in type(obj).hash_attributes:
-            if attribute in obj.__dict__:
-                obj.__dict__[attribute] = self._built(obj.__dict__[attribute])
-        obj.build()
-        self._put(obj, checked_name, {}, {})
-        return obj
+            return True
+        return self.remote is not None and self.remote._stored(address)
+
+    def _load_stored(self, obj: P, address: str, name: str | None) -> P:
+        loaded = self._load(address, {})
+        if name is not None:
+            self._index_named(self._read_manifest(address), name)
+        if not isinstance(loaded, type(obj)):
+            raise IntegrityError(
+                f"artifact {address} holds a {type(loaded).__name__}, not a {type(obj).__name__}"
+            )
+        return loaded
 
     def _built(self, value: Any) -> Any:
         if isinstance(value, Persistable):
@@ -532,7 +710,7 @@ class Store:
         manifest = self._existing_manifest(address)
         if manifest is None:
             manifest = self._write(result, address, memo, extra_dependencies=extra)
-        self._index.add(self._record(manifest), name=_check_name(name))
+        self._index_named(manifest, _check_name(name))
 
     # -- lineage ------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from sqlalchemy import (
     literal_column,
     select,
     union_all,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -73,6 +74,7 @@ from casml.index.tables import (
     artifacts,
     blobs,
     edges,
+    leases,
     names,
     schema_info,
     tags,
@@ -1112,3 +1114,62 @@ class Index:
         """Return the number of indexed artifacts."""
         stmt = select(func.count()).select_from(artifacts)
         return self._read("count artifacts", lambda conn: int(conn.execute(stmt).scalar_one()))
+
+    # ------------------------------------------------------------------ leases
+
+    def claim_lease(self, hash: str, owner: str, seconds: float) -> bool:
+        """Claim the right to build ``hash`` for ``seconds``; False if another owner holds it.
+
+        A lease held by ``owner`` is renewed; an expired lease of anyone is taken over. The
+        claim is one conditional statement, so two claimers can never both win.
+        """
+        h = _check_hash(hash, "artifact hash")
+        now = datetime.now(timezone.utc)
+        expires = datetime.fromtimestamp(now.timestamp() + seconds, timezone.utc)
+
+        def work(conn: Connection) -> bool:
+            taken = conn.execute(
+                update(leases)
+                .where(leases.c.artifact_hash == h)
+                .where((leases.c.owner == owner) | (leases.c.expires_at < now))
+                .values(owner=owner, expires_at=expires)
+            ).rowcount
+            if taken:
+                return True
+            if conn.execute(select(leases.c.owner).where(leases.c.artifact_hash == h)).first():
+                return False
+            conn.execute(insert(leases).values(artifact_hash=h, owner=owner, expires_at=expires))
+            return True
+
+        try:
+            return self._write("claim a build lease", work)
+        except StorageError as exc:
+            # Two first claimers inserting at once: the loser's retry found the winner's row
+            # only if the insert conflict was retried; otherwise report not claimed.
+            if isinstance(exc.__cause__, SQLAlchemyError):
+                orig = getattr(exc.__cause__, "orig", None)
+                if isinstance(orig, self._dbapi.IntegrityError):
+                    return False
+            raise
+
+    def release_lease(self, hash: str, owner: str) -> None:
+        """Give up ``owner``'s lease on ``hash`` (nothing happens if it is not theirs)."""
+        h = _check_hash(hash, "artifact hash")
+        self._write(
+            "release a build lease",
+            lambda conn: conn.execute(
+                delete(leases).where(leases.c.artifact_hash == h).where(leases.c.owner == owner)
+            ),
+        )
+
+    def lease_holder(self, hash: str) -> tuple[str, datetime] | None:
+        """The current owner of ``hash``'s lease and when it expires, or None."""
+        h = _check_hash(hash, "artifact hash")
+
+        def work(conn: Connection) -> tuple[str, datetime] | None:
+            row = conn.execute(
+                select(leases.c.owner, leases.c.expires_at).where(leases.c.artifact_hash == h)
+            ).first()
+            return None if row is None else (str(row[0]), _utc(row[1]))
+
+        return self._read("read a build lease", work)

@@ -226,6 +226,17 @@ class TagRow(_IndexTable, table=True):
     value: str = Field(sa_type=_literal_string(TAG_VALUE_LENGTH))
 
 
+class LeaseRow(_IndexTable, table=True):
+    """A builder's claim on an artifact address while it builds it; expires unless renewed."""
+
+    __tablename__ = "leases"
+    __table_args__ = (_SQLITE_OPTIONS,)
+
+    artifact_hash: str = Field(sa_type=_hash_string(), primary_key=True)
+    owner: str = Field(sa_type=String(64))
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
 class SchemaInfoRow(_IndexTable, table=True):
     """Key/value facts about the database itself, such as ``schema_version``."""
 
@@ -249,6 +260,7 @@ edges = _table(EdgeRow)
 names = _table(NameRow)
 tags = _table(TagRow)
 schema_info = _table(SchemaInfoRow)
+leases = _table(LeaseRow)
 
 #: Every table of the index, parents before children (the order ``create_all`` needs).
 INDEX_TABLES: tuple[Table, ...] = (
@@ -258,6 +270,7 @@ INDEX_TABLES: tuple[Table, ...] = (
     edges,
     names,
     tags,
+    leases,
     schema_info,
 )
 INDEX_METADATA = _IndexTable.metadata
