@@ -146,7 +146,8 @@ def test_truncated_manifest_raises_integrity_error(store: Store) -> None:
 def test_edited_manifest_fails_its_checksum(store: Store) -> None:
     h = store.put({"a": 1})
     path = _manifest_path(store, h)
-    text = path.read_text().replace('"kind": "value"', '"kind": "persistable"')
+    text = path.read_text().replace('"kind":"value"', '"kind":"persistable"')
+    assert '"kind":"persistable"' in text
     path.chmod(0o644)
     path.write_text(text)
     with pytest.raises(IntegrityError, match="checksum"):

@@ -1,0 +1,171 @@
+"""Store put/get throughput, side by side in one run, against what users would pick instead.
+
+Large: a float64 array (default 512 MiB) through casml put/get, numpy.save/load, pickle
+(protocol 5) and joblib.dump/load, all to the same disk, best of N rounds, with the peak
+extra memory each needs (tracemalloc; numpy reports its buffers to it). Nobody fsyncs:
+casml's default, like the peers', leaves flushing to the OS (see docs/storage.md).
+Small: 10,000 small dict puts and gets per second, against pickling each dict to its own
+file. Run: python benchmarks/bench_store.py [--mb 512] [--small 10000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import pickle
+import shutil
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+
+from casml import Store
+
+
+def measure(fn: Callable[[], Any]) -> tuple[float, int, Any]:
+    """Run fn once: (seconds, peak bytes allocated above the starting point, result)."""
+    gc.collect()
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return seconds, peak, result
+
+
+def large(workdir: Path, mb: int, rounds: int) -> None:
+    array = np.random.default_rng(0).random(mb * 1024 * 1024 // 8)
+    nbytes = array.nbytes
+
+    def casml_put(folder: Path) -> Callable[[], Any]:
+        def run() -> Any:
+            with Store(folder, index=f"sqlite:///{folder}.sqlite") as s:
+                return s.put(array)
+
+        return run
+
+    def casml_get(folder: Path, h: str) -> Callable[[], Any]:
+        def run() -> Any:
+            with Store(folder, index=f"sqlite:///{folder}.sqlite") as s:
+                return s.get(h)
+
+        return run
+
+    def np_save(path: Path) -> Callable[[], Any]:
+        return lambda: np.save(path, array)
+
+    def pickle_dump(path: Path) -> Callable[[], Any]:
+        def run() -> None:
+            with open(path, "wb") as f:
+                pickle.dump(array, f, protocol=5)
+
+        return run
+
+    def pickle_load(path: Path) -> Callable[[], Any]:
+        def run() -> Any:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+
+        return run
+
+    methods = {
+        "casml": (casml_put, casml_get),
+        "numpy.save/load": (np_save, lambda p, _: lambda: np.load(p)),
+        "pickle p5": (pickle_dump, lambda p, _: pickle_load(p)),
+        "joblib": (lambda p: lambda: joblib.dump(array, p), lambda p, _: lambda: joblib.load(p)),
+    }
+    results: dict[str, dict[str, tuple[float, int]]] = {}
+    for label, (put_factory, get_factory) in methods.items():
+        best_put: tuple[float, int] = (float("inf"), 0)
+        best_get: tuple[float, int] = (float("inf"), 0)
+        for round_no in range(rounds):
+            target = workdir / f"{label.split('.')[0].replace(' ', '_')}-{round_no}"
+            if label == "numpy.save/load":
+                target = target.with_suffix(".npy")
+            seconds, peak, token = measure(put_factory(target))
+            best_put = min(best_put, (seconds, peak))
+            seconds, peak, loaded = measure(get_factory(target, token))
+            assert loaded.shape == array.shape and loaded[12345] == array[12345]
+            # The result itself is the array: report what a load needs beyond it.
+            best_get = min(best_get, (seconds, max(0, peak - nbytes)))
+            del loaded
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        results[label] = {"put": best_put, "get": best_get}
+
+    print(f"\nLarge: float64 array of {nbytes / 2**20:.0f} MiB, best of {rounds}, no fsync")
+    print(f"{'method':<17} {'put GB/s':>9} {'vs np':>6} {'put extra MiB':>14}   "
+          f"{'get GB/s':>9} {'vs np':>6} {'get extra MiB':>14}")
+    ref_put = results["numpy.save/load"]["put"][0]
+    ref_get = results["numpy.save/load"]["get"][0]
+    for label, r in results.items():
+        (ps, pm), (gs, gm) = r["put"], r["get"]
+        print(
+            f"{label:<17} {nbytes / ps / 1e9:9.2f} {ref_put / ps:6.2f} {pm / 2**20:14.1f}   "
+            f"{nbytes / gs / 1e9:9.2f} {ref_get / gs:6.2f} {gm / 2**20:14.1f}"
+        )
+    put_extra = results["casml"]["put"][1] / nbytes
+    print(f"casml peak extra memory during put: {put_extra:.3f} x the array")
+
+
+def small(workdir: Path, count: int) -> None:
+    values = [
+        {"run": i, "lr": 0.001 * (i % 10), "layers": [64, 32, i % 7], "tag": f"exp-{i}"}
+        for i in range(count)
+    ]
+    with Store(workdir / "small", index=f"sqlite:///{workdir / 'small.sqlite'}") as s:
+        start = time.perf_counter()
+        hashes = [s.put(v) for v in values]
+        put_rate = count / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for h in hashes:
+            s.get(h)
+        get_rate = count / (time.perf_counter() - start)
+
+    folder = workdir / "pickles"
+    folder.mkdir()
+    start = time.perf_counter()
+    for i, v in enumerate(values):
+        with open(folder / f"{i}.pkl", "wb") as f:
+            pickle.dump(v, f, protocol=5)
+    pickle_put = count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(count):
+        with open(folder / f"{i}.pkl", "rb") as f:
+            pickle.load(f)
+    pickle_get = count / (time.perf_counter() - start)
+
+    print(f"\nSmall: {count:,} dicts, one at a time (SQLite index, WAL, synchronous=NORMAL)")
+    print(f"{'method':<26} {'puts/s':>9} {'gets/s':>9}")
+    print(f"{'casml put/get':<26} {put_rate:9.0f} {get_rate:9.0f}")
+    print(f"{'pickle, a file per dict':<26} {pickle_put:9.0f} {pickle_get:9.0f}")
+    print(f"ratio casml/pickle: puts {put_rate / pickle_put:.2f}, gets {get_rate / pickle_get:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mb", type=int, default=512)
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="casml-bench-", dir=args.dir))
+    try:
+        large(workdir, args.mb, args.rounds)
+        small(workdir, args.small)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
