@@ -19,6 +19,7 @@ import decimal
 import enum
 import functools
 import inspect
+import linecache
 import math
 import pathlib
 import struct
@@ -468,7 +469,38 @@ def _source_fingerprint(fn: Any) -> str:
         return ""
     # Indentation of the enclosing block and trailing spaces are not part of the function.
     lines = [line.rstrip() for line in textwrap.dedent(source).splitlines()]
-    return "\n".join(line for line in lines if line)
+    text = "\n".join(line for line in lines if line)
+    if fn.__name__ == "<lambda>":
+        # getsource gives the whole line, shared by every lambda on it: add this one's body.
+        text += "\n#lambda " + _lambda_body(fn.__code__)
+    return text
+
+
+def _lambda_body(code: Any) -> str:
+    positions = getattr(code, "co_positions", None)
+    if positions is None:  # Python 3.10: constants and names tell lambdas apart
+        consts = [repr(c) for c in code.co_consts if not isinstance(c, types.CodeType)]
+        return repr((consts, code.co_names, code.co_varnames))
+    # Bookkeeping instructions (RESUME, RETURN) carry empty spans at column 0: skip them.
+    spans = [
+        p
+        for p in positions()
+        if None not in p and p[0] > 0 and not (p[0] == p[1] and p[2] == p[3])
+    ]
+    if not spans:
+        return ""
+    first = min((p[0], p[2]) for p in spans)
+    last = max((p[1], p[3]) for p in spans)
+    lines = linecache.getlines(code.co_filename)
+    # Column offsets count UTF-8 bytes.
+    chunk = [line.encode("utf-8") for line in lines[first[0] - 1 : last[0]]]
+    if not chunk:
+        return ""
+    if len(chunk) == 1:
+        body = chunk[0][first[1] : last[1]]
+    else:
+        body = b"".join([chunk[0][first[1] :], *chunk[1:-1], chunk[-1][: last[1]]])
+    return body.decode("utf-8", "replace").strip()
 
 
 def _encode_function(fn: Any, h: Any, seen: set[int], depth: int) -> None:

@@ -336,3 +336,10 @@ def test_importing_casml_does_not_import_numpy_or_pandas() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_lambdas_on_one_line_are_told_apart() -> None:
+    pair = [lambda: 1, lambda: 2]
+    same = [lambda x: x + 1, lambda x: x + 1]
+    assert casml.hash_value(pair[0]) != casml.hash_value(pair[1])
+    assert casml.hash_value(same[0]) == casml.hash_value(same[1])
