@@ -65,6 +65,7 @@ _MASKED_ARRAYS: dict[str, Any] = {
     "Float64": pd.arrays.FloatingArray,
     "boolean": pd.arrays.BooleanArray,
 }
+_STR_OR_NONE = frozenset({str, type(None)})
 _INDEX_TYPES = (
     pd.Index,
     pd.DatetimeIndex,
@@ -356,7 +357,7 @@ def build_string(dec: _Decoder, items: list[Any]) -> object:
     storage, na, values = fields_of(items, 3, "string array")
     if type(storage) is not str or na not in ("NA", "nan") or type(values) is not list:
         raise corrupt("a string array has fields of the wrong types")
-    if not all(v is None or type(v) is str for v in values):
+    if not set(map(type, values)) <= _STR_OR_NONE:
         raise corrupt("a string array holds something other than strings")
     dtype = _string_dtype(storage, na)
     return pd.array(np.array(values, dtype=object), dtype=dtype)

@@ -361,10 +361,10 @@ def _may_hold_bin(body: bytes) -> bool:
 
 
 def _check_depth(body: bytes) -> None:
+    # msgpack's packer stops at a depth that depends on the Python version and the stack;
+    # its unpacker at exactly MAX_DEPTH. Never write what cannot be read back.
     if len(body) <= MAX_DEPTH:
         return  # every level costs at least one byte
-    if sys.version_info < (3, 12) and sys.getrecursionlimit() <= MAX_DEPTH - 24:
-        return  # the packer shares Python's recursion budget, so it cannot nest deeper
     unpacker = msgpack.Unpacker(max_buffer_size=len(body) + 1)
     unpacker.feed(body)
     try:
@@ -438,8 +438,9 @@ def _depth_error(obj: object, enc: _Encoder) -> CasmlError:
     cycle = find_cycle(obj, enc)
     if cycle is not None:
         return CasmlError(
-            f"the value contains a reference cycle: {cycle} contains itself; casml stores "
-            "trees of values, so break the cycle (or make the shared part a Persistable)"
+            f"the value contains a reference cycle: {cycle} is a container that encloses "
+            "it; casml stores trees of values, so break the cycle (or make the shared part "
+            "a Persistable)"
         )
     return CasmlError(
         f"the value is nested too deeply to encode (the limit is {MAX_DEPTH} containers, "
@@ -746,49 +747,60 @@ def _output_children(out: list[object], label: str) -> Iterator[tuple[str, objec
 
 
 _ATOMS = (type(None), bool, int, float, str, bytes, complex)
+_MAX_PATH = 300
+
+_Frame = tuple[str, object, Iterator[tuple[str, object]]]
 
 
-def _walk(root: object, enc: _Encoder) -> Iterator[tuple[str, object, list[int]]]:
-    """Depth-first (path, object, ids of its ancestors) over the containers casml descends."""
-    stack: list[tuple[str, object, list[int]]] = [("value", root, [])]
-    seen: set[int] = set()
+def _path(stack: list[_Frame], label: str) -> str:
+    text = "value" + "".join(frame[0] for frame in stack[1:]) + label
+    return text if len(text) <= _MAX_PATH else f"{text[:150]} ... {text[-150:]}"
+
+
+def _search(root: object, enc: _Encoder, target: object | None) -> str | None:
+    """Depth-first, iteratively (any depth), over the containers casml descends.
+
+    With a ``target``: the path where it sits, like ``value['model'][2]``. Without: the
+    path of the first container that contains itself (a cycle). None if there is none.
+    """
+    if target is not None and root is target:
+        return "value"
+    if isinstance(root, _ATOMS):
+        return None
+    stack: list[_Frame] = [("", root, _children(root, enc))]
+    on_path = {id(root)}
+    done: set[int] = set()
     while stack:
-        path, o, ancestors = stack.pop()
-        yield path, o, ancestors
-        if isinstance(o, _ATOMS) or id(o) in seen:
-            continue
-        seen.add(id(o))
-        inner = [*ancestors, id(o)]
-        kids = list(_children(o, enc))
-        for label, child in reversed(kids):
-            stack.append((path + label, child, inner))
+        _, current, kids = stack[-1]
+        for label, child in kids:
+            if target is not None and child is target:
+                return _path(stack, label)
+            if isinstance(child, _ATOMS):
+                continue
+            if id(child) in on_path:
+                if target is None:
+                    return _path(stack, label)
+                continue
+            if id(child) in done:
+                continue
+            on_path.add(id(child))
+            stack.append((label, child, _children(child, enc)))
+            break
+        else:
+            stack.pop()
+            on_path.discard(id(current))
+            done.add(id(current))
+    return None
 
 
 def find_path(root: object, target: object, enc: _Encoder) -> str:
     """Where ``target`` sits inside ``root``, like ``value['model'][2]``."""
-    for path, o, _ in _walk(root, enc):
-        if o is target:
-            return path
-    return "value (somewhere inside)"
+    return _search(root, enc, target) or "value (somewhere inside)"
 
 
 def find_cycle(root: object, enc: _Encoder) -> str | None:
     """The path of a container that contains itself, or None."""
-    stack: list[tuple[str, object, frozenset[int]]] = [("value", root, frozenset())]
-    done: set[int] = set()
-    while stack:
-        path, o, ancestors = stack.pop()
-        if isinstance(o, _ATOMS):
-            continue
-        if id(o) in ancestors:
-            return path
-        if id(o) in done:
-            continue
-        done.add(id(o))
-        inner = ancestors | {id(o)}
-        for label, child in _children(o, enc):
-            stack.append((path + label, child, inner))
-    return None
+    return _search(root, enc, None)
 
 
 # -- decoding ---------------------------------------------------------------------------
