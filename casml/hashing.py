@@ -483,9 +483,7 @@ def _lambda_body(code: Any) -> str:
         return repr((consts, code.co_names, code.co_varnames))
     # Bookkeeping instructions (RESUME, RETURN) carry empty spans at column 0: skip them.
     spans = [
-        p
-        for p in positions()
-        if None not in p and p[0] > 0 and not (p[0] == p[1] and p[2] == p[3])
+        p for p in positions() if None not in p and p[0] > 0 and not (p[0] == p[1] and p[2] == p[3])
     ]
     if not spans:
         return ""

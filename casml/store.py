@@ -579,11 +579,15 @@ class Store:
 
         return gc(self, grace=grace, dry_run=dry_run)
 
-    def verify(self, *, repair: bool = False) -> VerifyReport:
-        """Re-hash every blob and cross-check manifests and index rows; report the problems."""
+    def verify(self, *, repair: bool = False, source: Store | None = None) -> VerifyReport:
+        """Re-hash every blob and cross-check manifests and index rows; report the problems.
+
+        ``repair=True`` fixes what storage allows (re-indexing, dropping rows whose data is
+        gone); with ``source``, missing or damaged blobs are copied back from that store.
+        """
         from casml.maintenance import verify
 
-        return verify(self, repair=repair)
+        return verify(self, repair=repair, source=source)
 
     def du(self) -> DiskUsage:
         """Logical bytes (what artifacts hold) against stored bytes, and the dedup ratio."""
