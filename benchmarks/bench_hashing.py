@@ -65,9 +65,8 @@ def main() -> None:
         raw = results["raw xxh3_128"]
         for method, seconds in results.items():
             ratio = raw / seconds
-            print(
-                f"{label:<38} {method:<18} {seconds:8.4f} {nbytes / seconds / 1e9:7.2f} {ratio:7.2f}"
-            )
+            rate = nbytes / seconds / 1e9
+            print(f"{label:<38} {method:<18} {seconds:8.4f} {rate:7.2f} {ratio:7.2f}")
 
 
 if __name__ == "__main__":

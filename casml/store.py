@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import threading
@@ -55,6 +56,7 @@ Result = TypeVar("Result")
 #: Payloads up to this size live inside the manifest: one object per small put, not two.
 INLINE_PAYLOAD_LIMIT = 16 * 1024
 MIN_PREFIX = 8
+_MMAP_THRESHOLD = 1024 * 1024
 _KEY = re.compile(r"^[0-9a-f]{8,32}$")
 
 
@@ -100,6 +102,17 @@ def _check_tags(tags: object) -> dict[str, str]:
             )
         checked[key] = value
     return checked
+
+
+def _new_buffer(size: int) -> bytearray | mmap.mmap:
+    """A writable buffer for ``size`` bytes about to be overwritten by a read.
+
+    ``bytearray(n)`` zero-fills every page first, a full extra pass over memory; an anonymous
+    mapping gets its pages on first write, as ``numpy.empty`` does.
+    """
+    if size < _MMAP_THRESHOLD:
+        return bytearray(size)
+    return mmap.mmap(-1, size)
 
 
 def _dump_record(body: dict[str, Any]) -> bytes:
@@ -406,7 +419,7 @@ class Store:
             payload = self._blobs.get_bytes(manifest.payload_digest)
         buffers = []
         for chunks in manifest.buffers:
-            buffer = bytearray(sum(size for _, size in chunks))
+            buffer = _new_buffer(sum(size for _, size in chunks))
             self._blobs.read_into(chunks, memoryview(buffer))
             buffers.append(buffer)
         value = codec.decode(
