@@ -63,6 +63,18 @@ def _closure(source: Store, roots: Iterable[str]) -> tuple[list[str], dict[str, 
     return order, raw
 
 
+def _levels(addresses: list[str], manifests: dict[str, Manifest]) -> list[list[str]]:
+    """Group ``addresses`` (in dependency order) so each group depends only on earlier ones."""
+    depth: dict[str, int] = {}
+    for address in addresses:  # dependencies come first in this order
+        deps = [depth[d] for d in manifests[address].dependencies if d in depth]
+        depth[address] = 1 + max(deps, default=-1)
+    levels: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for address in addresses:
+        levels[depth[address]].append(address)
+    return levels
+
+
 def _present(target: Store, addresses: list[str]) -> set[str]:
     if len(addresses) > _LIST_THRESHOLD:
         return set(target._blobs.iter_manifests()) & set(addresses)
@@ -94,10 +106,10 @@ def transfer(source: Store, target: Store, hashes: Iterable[str] | None = None) 
 
     with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         copied_bytes = sum(pool.map(copy_blob, lacking))
-        # Dependencies first: write manifests level by level so none is visible before
-        # what it references.
-        for address in to_copy:
-            target._blobs.put_manifest(address, raw[address])
+        # Dependencies first: manifests go level by level (each level's dependencies are all
+        # written), so none is ever visible before what it references.
+        for level in _levels(to_copy, manifests):
+            list(pool.map(lambda a: target._blobs.put_manifest(a, raw[a]), level))
 
     unindexed = target._index.missing(order)
     for address in order:
