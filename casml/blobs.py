@@ -12,6 +12,12 @@ never sees a partial object, two writers of one blob both succeed with one copy 
 the first writer of a manifest wins. Other backends write whole objects with
 ``fs.pipe_file`` (object stores publish an object atomically); see :meth:`BlobStore._put_generic`.
 
+On S3 (s3fs) every write is a conditional PUT (``If-None-Match: *``), so the first writer of
+a key wins there too; existence is checked with one HEAD, or one listing per prefix directory
+for a batch (:meth:`BlobStore.missing`); chunks move with several requests in flight; and
+transient failures (timeouts, dropped connections, throttling, 5xx) are retried a bounded
+number of times with exponential backoff.
+
 Every read of a blob re-hashes its bytes and raises :class:`~casml.errors.IntegrityError` on a
 mismatch. Every key is validated before a path is built, so hostile input never reaches the
 filesystem.
@@ -23,6 +29,7 @@ import contextlib
 import errno
 import inspect
 import os
+import random
 import re
 import secrets
 import threading
@@ -37,6 +44,7 @@ import fsspec
 import fsspec.core
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from casml.errors import (
     CasmlError,
@@ -73,6 +81,66 @@ _O_BINARY: int = getattr(os, "O_BINARY", 0)
 # xxhash keeps the GIL while hashing but file and network I/O release it, so a couple of
 # threads overlap one chunk's hashing with another's write; more threads only add contention.
 _DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Remote stores: each request waits mostly on the network and the server, so more requests in
+# flight pay off; past 8 a 2-core SeaweedFS gains nothing and real S3 little per client.
+_REMOTE_WORKERS = 8
+
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+# Below this size an S3 object is written with a conditional PUT straight away (a 412 means
+# "already there"), saving the HEAD request; above it, a HEAD first avoids re-sending the bytes.
+_CONDITIONAL_PUT_LIMIT = 256 * 1024
+# Transient failures of a remote store (timeouts, dropped connections, 5xx): retried this many
+# times in all, waiting 0.1, 0.2, 0.4... s with jitter, at most _RETRY_MAX_WAIT each.
+_RETRY_ATTEMPTS = 3
+_RETRY_FIRST_WAIT = 0.1
+_RETRY_MAX_WAIT = 2.0
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EIO",
+        "EREMOTEIO",
+        "EAGAIN",
+        "EBUSY",
+        "ETIMEDOUT",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EPIPE",
+        "ENETUNREACH",
+        "EHOSTUNREACH",
+    )
+    if hasattr(errno, name)
+)
+# Exception classes of botocore, aiohttp and fsspec that mean "try again"; matched by name
+# (anywhere in the class hierarchy) so that none of those libraries has to be imported here.
+_TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "HTTPClientError",
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ClientPayloadError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+        "FSTimeoutError",
+    }
+)
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+    }
+)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -155,8 +223,18 @@ class BlobStore:
         self.fs = fs
         self.chunk_size = chunk_size
         self.fsync = fsync
-        self.workers = workers or _DEFAULT_WORKERS
         self._local = isinstance(fs, LocalFileSystem)
+        self._memory = isinstance(fs, MemoryFileSystem)
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        # s3fs: HEAD and conditional PUT through its client, single-request GETs.
+        self._s3 = (
+            not self._local
+            and bool(_S3_PROTOCOLS.intersection(protocols))
+            and hasattr(fs, "call_s3")
+            and hasattr(fs, "split_path")
+        )
+        remote = not (self._local or self._memory)
+        self.workers = workers or (_REMOTE_WORKERS if remote else _DEFAULT_WORKERS)
         stripped = fs._strip_protocol(root)
         if self._local:
             stripped = os.path.abspath(os.path.expanduser(stripped))
@@ -166,6 +244,13 @@ class BlobStore:
         self._lock = threading.Lock()
         self._stats = WriteStats()
         self._pipe_has_mode = "mode" in _parameters(fs.pipe_file)
+        # s3fs's cat_file first asks for the size (one more request) to decide on ranged
+        # parallel reads; a single GET is what a blob of a known, modest size wants.
+        self._single_get: dict[str, Any] = (
+            {"max_concurrency": 1}
+            if self._s3 and "max_concurrency" in _parameters(fs.cat_file)
+            else {}
+        )
 
     @classmethod
     def from_url(
@@ -174,9 +259,19 @@ class BlobStore:
         storage_options: Mapping[str, Any] | None = None,
         **kw: Any,
     ) -> BlobStore:
-        """Open a store from a URL or a plain path (a plain path means a local folder)."""
+        """Open a store from a URL or a plain path (a plain path means a local folder).
+
+        ``storage_options`` go to the fsspec backend (for ``s3://``: s3fs's ``key``,
+        ``secret``, ``client_kwargs={"endpoint_url": ...}``...). For S3, unless given, the
+        listings cache is off (another machine may add objects at any time) and the
+        connection pool fits the I/O threads.
+        """
+        options = dict(storage_options or {})
+        protocol, _ = fsspec.core.split_protocol(os.fspath(url))
+        if protocol in _S3_PROTOCOLS:
+            options = _s3_defaults(options, kw.get("workers") or _REMOTE_WORKERS)
         try:
-            fs, path = fsspec.core.url_to_fs(os.fspath(url), **dict(storage_options or {}))
+            fs, path = fsspec.core.url_to_fs(os.fspath(url), **options)
         except (ValueError, ImportError, OSError) as exc:
             raise StorageError(
                 f"cannot open storage {url!r}: {exc}; check the URL and, for a remote "
@@ -270,12 +365,7 @@ class BlobStore:
 
     def _map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         """Apply ``fn`` to every item, in a thread pool when there is more than one."""
-        if len(items) <= 1 or self.workers == 1:
-            return [fn(item) for item in items]
-        with ThreadPoolExecutor(
-            max_workers=min(self.workers, len(items)), thread_name_prefix="casml-blobs"
-        ) as pool:
-            return list(pool.map(fn, items))
+        return _run_in_pool(fn, items, self.workers)
 
     # ------------------------------------------------------------------ local backend
 
@@ -383,43 +473,94 @@ class BlobStore:
 
     # ------------------------------------------------------------------ generic backend
 
+    def _retrying(self, fn: Callable[[], _T]) -> _T:
+        """Run one remote operation, retrying transient failures with bounded backoff.
+
+        "Not found" and "already exists" are answers, not failures, and propagate at once, as
+        do permanent errors (bad credentials, a missing bucket). The caller turns what
+        escapes into casml errors.
+        """
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except (FileNotFoundError, FileExistsError):
+                raise
+            except Exception as exc:
+                if attempt >= _RETRY_ATTEMPTS or not _is_transient(exc):
+                    raise
+            wait = min(_RETRY_MAX_WAIT, _RETRY_FIRST_WAIT * 2 ** (attempt - 1))
+            time.sleep(wait * random.uniform(0.5, 1.0))
+            attempt += 1
+
     def _generic_exists(self, path: str) -> bool:
+        def check() -> bool:
+            if self._s3:
+                # One HEAD; s3fs's isfile would add a listing for a missing key and would
+                # report a network failure as "missing".
+                self._s3_head(path)
+                return True
+            info: dict[str, Any] = self.fs.info(path)
+            return bool(info.get("type", "file") == "file")
+
         try:
-            return bool(self.fs.isfile(path))
-        except OSError as exc:
+            return self._retrying(check)
+        except FileNotFoundError:
+            return False
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("check", path, exc) from exc
 
     def _put_generic(self, path: str, view: memoryview, *, exclusive: bool) -> bool:
         """Write one whole object on a non-local backend; return False if it already existed.
 
         Object stores publish an object atomically when its upload completes, so readers never
-        see a partial object. A blob is only written after an existence check; if two writers
-        race, both upload identical bytes, which is harmless. A manifest (``exclusive=True``)
-        is written with ``mode="create"`` where the backend supports it; a backend without an
-        atomic create (plain S3 before conditional writes) can let a racing second writer
-        replace the first. Subclasses specialise this method (e.g. S3 ``If-None-Match``).
+        see a partial object. On S3 every write is a conditional PUT (``If-None-Match: *``):
+        the first writer wins and a later one learns that the object exists (HTTP 412), so a
+        small object needs no HEAD before it; a large one gets a HEAD first, so that existing
+        bytes are not sent again. Other backends check first, then write manifests with
+        ``mode="create"`` where supported and blobs (identical bytes whoever writes them)
+        plainly.
         """
-        try:
-            if self._generic_exists(path):
+        conditional = self._s3 and self._pipe_has_mode
+        probe_first = not (conditional and len(view) <= _CONDITIONAL_PUT_LIMIT)
+
+        def attempt() -> bool:
+            if probe_first and self._generic_exists(path):
                 return False
             data = bytes(view)  # remote clients (botocore) want bytes, not memoryviews
-            if exclusive and self._pipe_has_mode:
+            if self._pipe_has_mode and (exclusive or conditional):
                 try:
                     self.fs.pipe_file(path, data, mode="create")
-                except FileExistsError:
-                    return False
+                except Exception as exc:
+                    if _is_precondition_failure(exc):
+                        return False
+                    raise
             else:
                 self.fs.pipe_file(path, data)
-        except OSError as exc:
-            raise _storage_error("write", path, exc) from exc
-        return True
+            return True
 
-    def _generic_read_all(self, path: str, what: str, key: str) -> bytes:
         try:
-            return bytes(self.fs.cat_file(path))
+            return self._retrying(attempt)
+        except CasmlError:
+            raise
+        except Exception as exc:
+            raise _storage_error("write", path, exc) from exc
+
+    def _generic_read_all(
+        self, path: str, what: str, key: str, *, size_hint: int | None = None
+    ) -> bytes:
+        kwargs = self._single_get
+        if size_hint is not None and size_hint > 2 * DEFAULT_CHUNK_SIZE:
+            kwargs = {}  # large: let s3fs read it in parallel ranges
+        try:
+            return bytes(self._retrying(lambda: self.fs.cat_file(path, **kwargs)))
         except FileNotFoundError as exc:
             raise self._not_found(what, key, path) from exc
-        except OSError as exc:
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("read", path, exc) from exc
 
     def _generic_list(self, directory: str) -> list[str]:
@@ -428,10 +569,12 @@ class BlobStore:
             # A cached listing could claim a deleted object still exists.
             self.fs.invalidate_cache(directory)
         try:
-            entries = self.fs.ls(directory, detail=False)
+            entries = self._retrying(lambda: self.fs.ls(directory, detail=False))
         except FileNotFoundError:
             return []
-        except OSError as exc:
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("list", directory, exc) from exc
         return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
@@ -473,6 +616,29 @@ class BlobStore:
         reader = self._local_read_chunk if self._local else self._generic_read_chunk
         self._map(reader, jobs)
 
+    def copy_from(self, source: BlobStore, digests: Iterable[str]) -> int:
+        """Copy the blobs among ``digests`` that this store lacks from ``source``; return bytes.
+
+        One batched :meth:`missing` check, then the missing blobs are read (verified against
+        their digests) and written with up to ``workers`` transfers in flight, the larger of
+        the two stores' settings. Each blob is published atomically, so an interrupted copy
+        leaves only whole blobs and a rerun copies what is still missing.
+        """
+        lacking = sorted(self.missing(digests))
+
+        def copy(digest: str) -> tuple[int, bool]:
+            data = source.get_bytes(digest)
+            _, size, written = self._put_one(memoryview(data))
+            return size, written
+
+        pool = max(self.workers, source.workers)
+        results = _run_in_pool(copy, lacking, pool)
+        objects = sum(1 for _, w in results if w)
+        nbytes = sum(n for n, w in results if w)
+        if objects:
+            self._count(objects=objects, nbytes=nbytes)
+        return nbytes
+
     def _local_read_chunk(self, job: tuple[str, str, memoryview]) -> None:
         digest, path, target = job
         try:
@@ -496,7 +662,7 @@ class BlobStore:
 
     def _generic_read_chunk(self, job: tuple[str, str, memoryview]) -> None:
         digest, path, target = job
-        data = self._generic_read_all(path, "blob", digest)
+        data = self._generic_read_all(path, "blob", digest, size_hint=len(target))
         if len(data) != len(target):
             raise self._corrupt(
                 digest, path, f"it holds {len(data)} bytes where {len(target)} were expected"
@@ -536,7 +702,8 @@ class BlobStore:
 
         Local: one ``stat`` per digest (cheaper than listing large prefix directories).
         Other backends: one listing per prefix directory holding several of the digests,
-        one existence check for a lone digest.
+        one existence check (a HEAD) for a lone digest, with up to ``workers`` requests in
+        flight.
         """
         wanted = {_require_digest(d) for d in digests}
         if self._local:
@@ -544,14 +711,16 @@ class BlobStore:
         groups: dict[str, list[str]] = {}
         for d in wanted:
             groups.setdefault(d[:2], []).append(d)
-        out: set[str] = set()
-        for prefix, group in groups.items():
+
+        def missing_in(group: list[str]) -> list[str]:
             if len(group) == 1:
-                if not self._generic_exists(self._object_path(group[0])):
-                    out.add(group[0])
-                continue
-            present = set(self._generic_list(f"{self._base}{OBJECTS_DIR}/{prefix}"))
-            out.update(d for d in group if d[2:] not in present)
+                return [] if self._generic_exists(self._object_path(group[0])) else group
+            present = set(self._generic_list(f"{self._base}{OBJECTS_DIR}/{group[0][:2]}"))
+            return [d for d in group if d[2:] not in present]
+
+        out: set[str] = set()
+        for found in self._map(missing_in, sorted(groups.values())):
+            out.update(found)
         return out
 
     def size(self, digest: str) -> int:
@@ -560,11 +729,20 @@ class BlobStore:
         try:
             if self._local:
                 return os.stat(path).st_size
-            return int(self.fs.size(path))
+            if self._s3:
+                return int(self._retrying(lambda: self._s3_head(path))["ContentLength"])
+            return int(self._retrying(lambda: self.fs.size(path)))
         except FileNotFoundError as exc:
             raise self._not_found("blob", digest, path) from exc
-        except OSError as exc:
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("stat", path, exc) from exc
+
+    def _s3_head(self, path: str) -> dict[str, Any]:
+        bucket, key, _ = self.fs.split_path(path)
+        head: dict[str, Any] = self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+        return head
 
     def modified_time(self, digest: str) -> datetime | None:
         """Return when blob ``digest`` was last written or re-put (UTC), None if unknown."""
@@ -572,13 +750,17 @@ class BlobStore:
         try:
             if self._local:
                 return datetime.fromtimestamp(os.stat(path).st_mtime, tz=timezone.utc)
-            return self._generic_mtime(path)
+            return self._retrying(lambda: self._generic_mtime(path))
         except FileNotFoundError as exc:
             raise self._not_found("blob", digest, path) from exc
-        except OSError as exc:
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("stat", path, exc) from exc
 
     def _generic_mtime(self, path: str) -> datetime | None:
+        if self._s3:
+            return _as_utc(self._s3_head(path).get("LastModified"))
         try:
             value: Any = self.fs.modified(path)
         except NotImplementedError:
@@ -591,11 +773,7 @@ class BlobStore:
                 ),
                 None,
             )
-        if isinstance(value, (int, float)):
-            return datetime.fromtimestamp(value, tz=timezone.utc)
-        if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        return None
+        return _as_utc(value)
 
     def delete(self, digest: str) -> None:
         """Delete blob ``digest``; deleting a blob that is not stored is not an error."""
@@ -606,10 +784,12 @@ class BlobStore:
             if self._local:
                 os.unlink(path)
             else:
-                self.fs.rm_file(path)
+                self._retrying(lambda: self.fs.rm_file(path))
         except FileNotFoundError:
             pass
-        except OSError as exc:
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("delete", path, exc) from exc
 
     def iter_digests(self) -> Iterator[str]:
@@ -640,10 +820,12 @@ class BlobStore:
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(top)
         try:
-            found = self.fs.find(top, detail=False)
+            found = self._retrying(lambda: self.fs.find(top, detail=False))
         except FileNotFoundError:
             return
-        except OSError as exc:
+        except CasmlError:
+            raise
+        except Exception as exc:
             raise _storage_error("list", top, exc) from exc
         for p in sorted(str(x) for x in found):
             parts = p.rstrip("/").rsplit("/", 2)
@@ -788,11 +970,89 @@ class BlobStore:
         return removed
 
 
+def _run_in_pool(fn: Callable[[_T], _R], items: Sequence[_T], workers: int) -> list[_R]:
+    """Apply ``fn`` to every item, in order, with up to ``workers`` threads."""
+    if len(items) <= 1 or workers == 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(
+        max_workers=min(workers, len(items)), thread_name_prefix="casml-blobs"
+    ) as pool:
+        return list(pool.map(fn, items))
+
+
 def _parameters(fn: Any) -> set[str]:
     try:
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def _as_utc(value: object) -> datetime | None:
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return None
+
+
+def _s3_defaults(options: dict[str, Any], workers: int) -> dict[str, Any]:
+    """Fill in the s3fs options casml relies on, keeping every option the caller gave."""
+    out = dict(options)
+    # Another writer may add an object at any moment: a cached listing would hide it.
+    out.setdefault("use_listings_cache", False)
+    config = dict(out.get("config_kwargs") or {})
+    # botocore keeps 10 connections by default; the I/O threads plus s3fs's own parallel
+    # parts must not queue for one.
+    config.setdefault("max_pool_connections", max(32, 2 * workers))
+    # Bounded: botocore's retries multiply with casml's own (see _retrying).
+    config.setdefault("retries", {"total_max_attempts": 2, "mode": "standard"})
+    out["config_kwargs"] = config
+    return out
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Tell whether a failed remote operation is worth retrying (network, throttling, 5xx)."""
+    permanent = (
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
+    if isinstance(exc, permanent):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if any(cls.__name__ in _TRANSIENT_CLASS_NAMES for cls in type(exc).__mro__):
+        return True
+    for candidate in (exc, exc.__cause__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_S3_CODES or status == 429:
+                return True
+            if isinstance(status, int) and status >= 500:
+                return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    """Tell whether a create-only write failed because the object already exists.
+
+    s3fs raises FileExistsError for AWS's 412; SeaweedFS's 412 carries no condition name, so
+    s3fs turns it into OSError(EINVAL) with the botocore ClientError as its cause.
+    """
+    if isinstance(exc, FileExistsError):
+        return True
+    if not (isinstance(exc, OSError) and exc.errno == errno.EINVAL):
+        return False
+    response = getattr(exc.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "412") or status == 412
 
 
 def _fsync_dir(directory: str) -> None:

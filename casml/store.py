@@ -417,10 +417,10 @@ class Store:
                 )
         else:
             payload = self._blobs.get_bytes(manifest.payload_digest)
-        buffers = []
+        buffers: list[memoryview] = []
         for chunks in manifest.buffers:
-            buffer = _new_buffer(sum(size for _, size in chunks))
-            self._blobs.read_into(chunks, memoryview(buffer))
+            buffer = memoryview(_new_buffer(sum(size for _, size in chunks)))
+            self._blobs.read_into(chunks, buffer)
             buffers.append(buffer)
         value = codec.decode(
             payload,

@@ -379,7 +379,7 @@ def test_unknown_class_gives_unregistered_class_error(store: Store) -> None:
 
     registry._classes.pop("tests.TempUnknown")
     try:
-        with pytest.raises(UnregisteredClassError, match="tests.TempUnknown"):
+        with pytest.raises(UnregisteredClassError, match=r"tests\.TempUnknown"):
             store.get(h)
     finally:
         registry._classes["tests.TempUnknown"] = Temp

@@ -100,6 +100,9 @@ _MAX_ATTEMPTS = 30
 _CHUNK = 500
 # MySQL/MariaDB error codes worth a retry: deadlock, lock wait timeout.
 _MYSQL_TRANSIENT = frozenset({1213, 1205})
+# MySQL/MariaDB errors of two sessions creating the tables at once (DDL there is not
+# transactional): table already exists, duplicate index name.
+_MYSQL_DDL_RACE = frozenset({1050, 1061})
 # PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock.
 _PG_TRANSIENT = frozenset({"40001", "40P01"})
 
@@ -482,6 +485,8 @@ class Index:
                 # finds them there. Anything else (unreachable server...) fails at once.
                 orig = exc.orig if isinstance(exc, DBAPIError) else exc
                 racy = isinstance(orig, (self._dbapi.IntegrityError, self._dbapi.ProgrammingError))
+                if self._dialect in _MYSQL and isinstance(orig, self._dbapi.OperationalError):
+                    racy = bool(orig.args) and orig.args[0] in _MYSQL_DDL_RACE
                 if attempt < 5 and (racy or self._is_transient(exc)):
                     self._backoff(attempt)
                     continue
@@ -502,15 +507,18 @@ class Index:
             conn.execute(stmt, row)
         elif self._stored_schema(conn) is None:
             conn.execute(insert(schema_info), row)
-        stored = self._stored_schema(conn)
+        # A locking read on MySQL/MariaDB: under REPEATABLE READ a plain SELECT would read this
+        # transaction's snapshot, older than the row a concurrent creator just committed.
+        stored = self._stored_schema(conn, locking=self._dialect in _MYSQL)
         assert stored is not None
         self._compare_schema(stored)
 
     @staticmethod
-    def _stored_schema(conn: Connection) -> str | None:
-        found = conn.execute(
-            select(schema_info.c.value).where(schema_info.c.key == _SCHEMA_KEY)
-        ).scalar_one_or_none()
+    def _stored_schema(conn: Connection, *, locking: bool = False) -> str | None:
+        stmt = select(schema_info.c.value).where(schema_info.c.key == _SCHEMA_KEY)
+        if locking:
+            stmt = stmt.with_for_update(read=True)
+        found = conn.execute(stmt).scalar_one_or_none()
         return None if found is None else str(found)
 
     def _compare_schema(self, stored: str) -> None:
