@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import fsspec
 import fsspec.core
+import msgpack
 import xxhash
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
@@ -68,6 +69,11 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 OBJECTS_DIR = "objects"
 MANIFESTS_DIR = "manifests"
 RECORDS_DIR = "records"
+PACKS_DIR = "packs"
+TOMBSTONES_DIR = "tombstones"
+# Packs re-listed at most this often when a put only checks for an existing manifest.
+_PACK_RELIST_SECONDS = 1.0
+_PACK_CACHE = 8
 TEMP_SUFFIX = ".tmp"
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
@@ -243,6 +249,12 @@ class BlobStore:
         self._base = self.root if self.root.endswith("/") else self.root + "/"
         self._lock = threading.Lock()
         self._stats = WriteStats()
+        # Which manifests live in packs: learnt from listings, refreshed on misses.
+        self._packed: dict[str, str] = {}
+        self._pack_keys: set[str] = set()
+        self._tombstones: set[str] = set()
+        self._pack_cache: dict[str, dict[str, bytes]] = {}
+        self._packs_listed_at = -float("inf")
         self._pipe_has_mode = "mode" in _parameters(fs.pipe_file)
         # s3fs's cat_file first asks for the size (one more request) to decide on ranged
         # parallel reads; a single GET is what a blob of a known, modest size wants.
@@ -852,27 +864,53 @@ class BlobStore:
             self._count(manifests=1, mbytes=len(view))
         return created
 
-    def get_manifest(self, address: str) -> bytes:
-        """Return the stored manifest of ``address``; NotFoundError if there is none."""
+    def get_manifest(self, address: str, *, fresh: bool = True) -> bytes:
+        """Return the stored manifest of ``address``; NotFoundError if there is none.
+
+        A manifest is a file of its own or an entry of a pack. ``fresh=False`` lets a miss
+        trust a pack listing up to a second old (a put checking for an existing artifact);
+        the default re-lists packs on a miss, so a pack pushed by another machine is seen.
+        """
         path = self._manifest_path(address)
-        if self._local:
-            return self._local_read_all(path, "manifest of artifact", address)
-        return self._generic_read_all(path, "manifest of artifact", address)
+        try:
+            if self._local:
+                return self._local_read_all(path, "manifest of artifact", address)
+            return self._generic_read_all(path, "manifest of artifact", address)
+        except NotFoundError:
+            packed = self._packed_manifest(address, fresh)
+            if packed is None:
+                raise
+            return packed
 
     def has_manifest(self, address: str) -> bool:
-        """Return True if a manifest is stored for ``address``."""
+        """Return True if a manifest is stored for ``address`` (on its own or in a pack)."""
         path = self._manifest_path(address)
-        if self._local:
-            return os.path.isfile(path)
-        return self._generic_exists(path)
+        found = os.path.isfile(path) if self._local else self._generic_exists(path)
+        return found or self._pack_of(address, fresh=True) is not None
 
     def delete_manifest(self, address: str) -> None:
-        """Delete the manifest of ``address``; a missing manifest is not an error."""
+        """Delete the manifest of ``address``; a missing manifest is not an error.
+
+        Packs are immutable: a packed manifest is hidden by a tombstone instead.
+        """
         self._delete_path(self._manifest_path(address))
+        if self._pack_of(address, fresh=True) is not None:
+            path = self._tombstone_path(address)
+            if self._local:
+                self._local_put(path, memoryview(b""))
+            else:
+                self._put_generic(path, memoryview(b""), exclusive=False)
+            with self._lock:
+                self._tombstones.add(address)
 
     def iter_manifests(self) -> Iterator[str]:
         """Yield every address that has a manifest (in no particular order)."""
-        return self._iter_keys(MANIFESTS_DIR)
+        loose = set(self._iter_keys(MANIFESTS_DIR))
+        yield from loose
+        self._refresh_packs(force=True)
+        with self._lock:
+            packed = [a for a in self._packed if a not in self._tombstones and a not in loose]
+        yield from packed
 
     def manifests_with_prefix(self, prefix: str) -> list[str]:
         """Return the sorted addresses starting with ``prefix`` (2 to 32 lowercase hex chars).
@@ -895,9 +933,125 @@ class BlobStore:
                 raise _storage_error("list", directory, exc) from exc
         else:
             names = self._generic_list(directory)
-        return sorted(
-            prefix[:2] + n for n in names if n.startswith(rest) and _HEX30_RE.fullmatch(n)
+        found = {prefix[:2] + n for n in names if n.startswith(rest) and _HEX30_RE.fullmatch(n)}
+        self._refresh_packs(force=True)
+        with self._lock:
+            found.update(
+                a for a in self._packed if a.startswith(prefix) and a not in self._tombstones
+            )
+        return sorted(found)
+
+    # ------------------------------------------------------------------ packs
+
+    def _pack_path(self, key: str) -> str:
+        _require_digest(key, "pack key")
+        return f"{self._base}{PACKS_DIR}/{key[:2]}/{key[2:]}"
+
+    def _tombstone_path(self, address: str) -> str:
+        _require_digest(address, "artifact address")
+        return f"{self._base}{TOMBSTONES_DIR}/{address[:2]}/{address[2:]}"
+
+    def put_pack(self, manifests: Mapping[str, bytes]) -> str:
+        """Store many manifests as one object; return the pack's key (its digest).
+
+        Object stores charge a request per object, so a push of many small artifacts writes
+        one pack instead of one object per manifest. Readers see packed manifests exactly as
+        loose ones. Manifests already stored (loose or packed) must not be given again.
+        """
+        for address in manifests:
+            _require_digest(address, "artifact address")
+        body = msgpack.packb(
+            {"casml_pack": 1, "manifests": {a: bytes(m) for a, m in sorted(manifests.items())}},
+            use_bin_type=True,
         )
+        key = digest_of(body)
+        path = self._pack_path(key)
+        view = memoryview(body)
+        created = (
+            self._local_put(path, view)
+            if self._local
+            else self._put_generic(path, view, exclusive=True)
+        )
+        if created:
+            self._count(manifests=len(manifests), mbytes=len(body))
+        with self._lock:
+            for address in manifests:
+                self._packed[address] = key
+            self._pack_keys.add(key)
+        return key
+
+    def _read_pack(self, key: str) -> dict[str, bytes]:
+        with self._lock:
+            cached = self._pack_cache.get(key)
+        if cached is not None:
+            return cached
+        path = self._pack_path(key)
+        if self._local:
+            data = self._local_read_all(path, "pack", key)
+        else:
+            data = self._generic_read_all(path, "pack", key)
+        self._verify(key, path, data)
+        try:
+            document = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            entries = document["manifests"]
+            if document.get("casml_pack") != 1 or not isinstance(entries, dict):
+                raise ValueError("not a casml pack")
+            manifests = {
+                str(a): bytes(m)
+                for a, m in entries.items()
+                if is_digest(a) and isinstance(m, bytes)
+            }
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            raise self._corrupt(key, path, f"unreadable pack: {exc}") from None
+        with self._lock:
+            if len(self._pack_cache) >= _PACK_CACHE:
+                self._pack_cache.pop(next(iter(self._pack_cache)))
+            self._pack_cache[key] = manifests
+        return manifests
+
+    def _refresh_packs(self, *, force: bool) -> None:
+        """Learn which manifests live in packs (and which are tombstoned) from the listing."""
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._packs_listed_at < _PACK_RELIST_SECONDS:
+                return
+        keys = set(self._iter_keys(PACKS_DIR))
+        tombstones = set(self._iter_keys(TOMBSTONES_DIR))
+        with self._lock:
+            new = keys - self._pack_keys
+        for key in sorted(new):
+            try:
+                entries = self._read_pack(key)
+            except (IntegrityError, NotFoundError):
+                continue  # `casml verify` reports damaged packs
+            with self._lock:
+                for address in entries:
+                    self._packed.setdefault(address, key)
+                self._pack_keys.add(key)
+        with self._lock:
+            self._tombstones = tombstones
+            self._packs_listed_at = now
+
+    def _pack_of(self, address: str, *, fresh: bool) -> str | None:
+        with self._lock:
+            key = self._packed.get(address)
+            hidden = address in self._tombstones
+        if key is None or hidden:
+            self._refresh_packs(force=fresh)
+            with self._lock:
+                key = self._packed.get(address)
+                hidden = address in self._tombstones
+        return None if hidden else key
+
+    def _packed_manifest(self, address: str, fresh: bool) -> bytes | None:
+        key = self._pack_of(address, fresh=fresh)
+        if key is None:
+            return None
+        return self._read_pack(key).get(address)
+
+    def iter_packs(self) -> Iterator[str]:
+        """Yield the key of every stored pack."""
+        return self._iter_keys(PACKS_DIR)
 
     # ------------------------------------------------------------------ records
 
@@ -951,7 +1105,7 @@ class BlobStore:
             return 0
         cutoff = time.time() - older_than
         removed = 0
-        for area in (OBJECTS_DIR, MANIFESTS_DIR):
+        for area in (OBJECTS_DIR, MANIFESTS_DIR, RECORDS_DIR, PACKS_DIR, TOMBSTONES_DIR):
             top = f"{self._base}{area}"
             try:
                 with os.scandir(top) as it:

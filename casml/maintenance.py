@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from casml.blobs import MANIFESTS_DIR, OBJECTS_DIR, TEMP_SUFFIX, BlobStore, digest_of
+from casml.blobs import (
+    MANIFESTS_DIR,
+    OBJECTS_DIR,
+    PACKS_DIR,
+    TEMP_SUFFIX,
+    BlobStore,
+    digest_of,
+)
 from casml.errors import CasmlError, IntegrityError, NotFoundError, StorageError
 from casml.manifest import Manifest, load_manifest
 
@@ -483,6 +490,27 @@ def _count_temp_files(blobs: BlobStore, older_than: float) -> int:
     return count
 
 
+def _clean_record_temp_files(blobs: BlobStore, older_than: float) -> int:
+    """Remove temporary files a crashed writer left among the name/tag records.
+
+    ``BlobStore.clean_temp_files`` covers blobs and manifests; a put killed while writing a
+    name or tag record leaves its temporary file here, which nothing else would remove.
+    """
+    if not blobs.is_local:
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for directory, _, files in os.walk(os.path.join(blobs.root, _RECORDS_DIR)):
+        for name in files:
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+    return removed
+
+
 def _manifest_mtime(blobs: BlobStore, address: str) -> float | None:
     path = f"{blobs.root.rstrip('/')}/{MANIFESTS_DIR}/{address[:2]}/{address[2:]}"
     try:
@@ -594,6 +622,7 @@ def gc(
         temp_files = _count_temp_files(blobs, max(seconds, _MIN_TEMP_AGE))
     else:
         temp_files = blobs.clean_temp_files(older_than=max(seconds, _MIN_TEMP_AGE))
+        temp_files += _clean_record_temp_files(blobs, max(seconds, _MIN_TEMP_AGE))
 
     return GcReport(
         blobs_deleted=len(deleted),
@@ -967,7 +996,9 @@ def disk_usage(store: Store, *, progress: Progress = no_progress) -> DiskUsage:
     """
     blobs = store._blobs
     manifest_sizes = _scan(blobs, MANIFESTS_DIR)
-    addresses = sorted(manifest_sizes)
+    # Packed manifests count as artifacts too; the packs themselves as manifest bytes.
+    addresses = sorted(blobs.iter_manifests())
+    manifest_sizes.update(_scan(blobs, PACKS_DIR))
     manifests, _ = _read_manifests(store, addresses, progress, "du: reading manifests")
     blob_sizes = _scan(blobs, OBJECTS_DIR)
     record_sizes = _scan(blobs, _RECORDS_DIR)

@@ -263,7 +263,8 @@ class Store:
 
     def _existing_manifest(self, address: str) -> Manifest | None:
         try:
-            return load_manifest(self._blobs.get_manifest(address), address)
+            data = self._blobs.get_manifest(address, fresh=False)
+            return load_manifest(data, address)
         except NotFoundError:
             return None
 

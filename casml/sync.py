@@ -25,6 +25,8 @@ __all__ = ["TransferReport", "transfer"]
 _WORKERS = 16
 # Above this many artifacts, one listing of the target beats one existence check each.
 _LIST_THRESHOLD = 64
+# From this many manifests at one dependency level, a push to an object store packs them.
+_PACK_MIN = 16
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,11 @@ def transfer(source: Store, target: Store, hashes: Iterable[str] | None = None) 
         # Dependencies first: manifests go level by level (each level's dependencies are all
         # written), so none is ever visible before what it references.
         for level in _levels(to_copy, manifests):
-            list(pool.map(lambda a: target._blobs.put_manifest(a, raw[a]), level))
+            if len(level) >= _PACK_MIN and not target._blobs.is_local:
+                # One object instead of one per manifest: object stores charge per request.
+                target._blobs.put_pack({a: raw[a] for a in level})
+            else:
+                list(pool.map(lambda a: target._blobs.put_manifest(a, raw[a]), level))
 
     unindexed = target._index.missing(order)
     for address in order:

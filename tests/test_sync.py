@@ -210,3 +210,32 @@ def test_concurrent_writers_get_unique_gap_free_versions(tmp_path: Path) -> None
         versions = sorted(i.version or 0 for i in s.find(name="runs"))
     assert versions == list(range(1, 41))
     assert len({h for r in results for h in r}) == 40
+
+
+def test_push_to_an_object_store_packs_small_manifests(tmp_path: Path) -> None:
+    bucket = f"memory://casml-pack-{os.getpid()}-{time.monotonic_ns()}"
+    with Store(tmp_path / "a") as a, Store(bucket, index=f"sqlite:///{tmp_path / 'b.sqlite'}") as b:
+        hashes = [a.put({"i": i}) for i in range(40)]
+        named = a.put({"i": 0, "named": True}, name="cfg")
+        report = a.push(b)
+        assert report.artifacts == 41
+        assert len(list(b._blobs.iter_packs())) == 1
+        assert [m for m in b._blobs._iter_keys("manifests")] == []  # all packed
+        assert a.push(b).artifacts == 0
+
+    # Another machine sees packed manifests as ordinary ones.
+    with Store(bucket, index=f"sqlite:///{tmp_path / 'c.sqlite'}") as c:
+        assert c.reindex() == 41
+        assert c.get(hashes[7]) == {"i": 7}
+        assert c.get(hashes[7][:9]) == {"i": 7}
+        assert c.latest("cfg") == {"i": 0, "named": True}
+        c.delete(hashes[7])  # packs are immutable: a tombstone hides it
+        assert hashes[7] not in c
+        with pytest.raises(NotFoundError):
+            c.get(hashes[7])
+        assert c.get(named)["named"] is True
+    with Store(bucket, index=f"sqlite:///{tmp_path / 'd.sqlite'}") as d:
+        assert d.reindex() == 40
+        assert hashes[7] not in d
+        d.put({"i": 7})  # storing it again brings it back
+        assert d.get(hashes[7]) == {"i": 7}
