@@ -68,6 +68,7 @@ PROBLEM_KINDS: dict[str, bool] = {
     "missing_blob": True,
     "corrupt_blob": True,
     "corrupt_manifest": True,
+    "corrupt_pack": True,
     "corrupt_record": True,
     "missing_dependency": True,
     "unindexed_manifest": True,
@@ -750,6 +751,17 @@ def verify(
     corrupt_manifests: dict[str, _Finding] = {}
     for address, reason in sorted(unreadable.items()):
         corrupt_manifests[address] = v.add("corrupt_manifest", address, reason, [address])
+
+    for key in blobs.iter_packs():
+        try:
+            blobs._read_pack(key)
+        except (IntegrityError, NotFoundError) as exc:
+            v.add(
+                "corrupt_pack",
+                key,
+                f"pack {key} is damaged ({exc}); the manifests it held cannot be read: pull "
+                "those artifacts again from a store that has them",
+            )
 
     missing_blobs: list[_Finding] = []
     for digest in sorted(set(users) - set(stored)):

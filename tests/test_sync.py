@@ -239,3 +239,20 @@ def test_push_to_an_object_store_packs_small_manifests(tmp_path: Path) -> None:
         assert hashes[7] not in d
         d.put({"i": 7})  # storing it again brings it back
         assert d.get(hashes[7]) == {"i": 7}
+
+
+def test_verify_reports_a_damaged_pack(tmp_path: Path) -> None:
+    bucket = f"memory://casml-badpack-{os.getpid()}-{time.monotonic_ns()}"
+    with Store(tmp_path / "a") as a, Store(bucket, index=f"sqlite:///{tmp_path / 'b.sqlite'}") as b:
+        for i in range(20):
+            a.put({"i": i})
+        a.push(b)
+        key = next(b._blobs.iter_packs())
+        path = b._blobs._pack_path(key)
+        data = bytearray(b._blobs.fs.cat_file(path))
+        data[10] ^= 1
+        b._blobs.fs.pipe_file(path, bytes(data))
+    with Store(bucket, index=f"sqlite:///{tmp_path / 'c.sqlite'}") as c:
+        report = c.verify()
+        assert not report.ok
+        assert [p.kind for p in report.problems] == ["corrupt_pack"]
