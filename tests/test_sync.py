@@ -145,35 +145,39 @@ BUILDER = textwrap.dedent(
             time.sleep(float(sys.argv[4]))
             self.out_ = self.n * 2
 
-    with casml.Store(sys.argv[1], lease_seconds=float(sys.argv[5])) as s:
+    with casml.Store(sys.argv[1], index=sys.argv[6], lease_seconds=float(sys.argv[5])) as s:
         print(s.get_or_build(Slow(int(sys.argv[2]))).out_, flush=True)
     """
 )
 
 
-def _spawn(root: Path, log: Path, sleep: float, lease: float, n: int = 21) -> subprocess.Popen[str]:
+def _spawn(
+    root: Path, index: str, log: Path, sleep: float, lease: float, n: int = 21
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", BUILDER, str(root), str(n), str(log), str(sleep), str(lease)],
+        [sys.executable, "-c", BUILDER, str(root), str(n), str(log), str(sleep), str(lease), index],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def test_four_processes_build_one_hash_once(tmp_path: Path) -> None:
+def test_four_processes_build_one_hash_once(tmp_path: Path, index_url: str) -> None:
     root, log = tmp_path / "s", tmp_path / "builds.log"
-    Store(root).close()
-    procs = [_spawn(root, log, sleep=1.0, lease=5) for _ in range(4)]
+    Store(root, index=index_url).close()
+    procs = [_spawn(root, index_url, log, sleep=1.0, lease=5) for _ in range(4)]
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [e for _, e in outs]
     assert [o.strip() for o, _ in outs] == ["42"] * 4
     assert log.read_text().count("build") == 1
 
 
-def test_a_killed_builders_lease_expires_and_another_takes_over(tmp_path: Path) -> None:
+def test_a_killed_builders_lease_expires_and_another_takes_over(
+    tmp_path: Path, index_url: str
+) -> None:
     root, log = tmp_path / "s", tmp_path / "builds.log"
-    Store(root).close()
-    doomed = _spawn(root, log, sleep=30, lease=1.0)
+    Store(root, index=index_url).close()
+    doomed = _spawn(root, index_url, log, sleep=30, lease=1.0)
     deadline = time.monotonic() + 20
     while not (log.exists() and "build" in log.read_text()):
         assert time.monotonic() < deadline
@@ -181,7 +185,7 @@ def test_a_killed_builders_lease_expires_and_another_takes_over(tmp_path: Path) 
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.wait(timeout=10)
     started = time.monotonic()
-    survivor = _spawn(root, log, sleep=0.1, lease=1.0)
+    survivor = _spawn(root, index_url, log, sleep=0.1, lease=1.0)
     out, err = survivor.communicate(timeout=60)
     assert survivor.returncode == 0, err
     assert out.strip() == "42"
@@ -189,24 +193,24 @@ def test_a_killed_builders_lease_expires_and_another_takes_over(tmp_path: Path) 
     assert time.monotonic() - started < 15
 
 
-def _put_versions(root: str, worker: int, out: Any) -> None:
-    with Store(root) as s:
+def _put_versions(root: str, index: str, worker: int, out: Any) -> None:
+    with Store(root, index=index) as s:
         out.put([s.put({"worker": worker, "i": i}, name="runs") for i in range(10)])
 
 
-def test_concurrent_writers_get_unique_gap_free_versions(tmp_path: Path) -> None:
+def test_concurrent_writers_get_unique_gap_free_versions(tmp_path: Path, index_url: str) -> None:
     root = str(tmp_path / "s")
-    Store(root).close()
+    Store(root, index=index_url).close()
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_put_versions, args=(root, w, out)) for w in range(4)]
+    procs = [ctx.Process(target=_put_versions, args=(root, index_url, w, out)) for w in range(4)]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    with Store(root) as s:
+    with Store(root, index=index_url) as s:
         versions = sorted(i.version or 0 for i in s.find(name="runs"))
     assert versions == list(range(1, 41))
     assert len({h for r in results for h in r}) == 40
