@@ -13,14 +13,14 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit tests (no server needed)."""
-    session.install("-e", ".[dev,ml]")
+    session.install("-e", ".[dev,ml,s3,postgres,mysql]")
     session.run("pytest", "-m", "not integration", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def integration(session: nox.Session) -> None:
     """Tests against real servers the fixtures start (PostgreSQL, MariaDB, S3)."""
-    session.install("-e", ".[dev,ml]")
+    session.install("-e", ".[dev,ml,s3,postgres,mysql]")
     session.run("pytest", "-m", "integration", *session.posargs)
 
 
@@ -59,6 +59,6 @@ def golden(session: nox.Session, stack: tuple[str, str]) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Side-by-side benchmarks; prints ratios against the tools users would pick instead."""
-    session.install("-e", ".[dev,ml]", "psutil")
-    for script in ("bench_hashing.py", "bench_store.py"):
+    session.install("-e", ".[dev,ml,s3]")
+    for script in ("bench_hashing.py", "bench_store.py", "bench_cache.py", "bench_remote.py"):
         session.run("python", f"benchmarks/{script}", *session.posargs)
