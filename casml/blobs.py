@@ -542,15 +542,20 @@ class BlobStore:
             if probe_first and self._generic_exists(path):
                 return False
             data = bytes(view)  # remote clients (botocore) want bytes, not memoryviews
-            if self._pipe_has_mode and (exclusive or conditional):
-                try:
+            try:
+                if self._pipe_has_mode and (exclusive or conditional):
                     self.fs.pipe_file(path, data, mode="create")
-                except Exception as exc:
-                    if _is_precondition_failure(exc):
-                        return False
-                    raise
-            else:
-                self.fs.pipe_file(path, data)
+                else:
+                    self.fs.pipe_file(path, data)
+            except Exception as exc:
+                if _is_precondition_failure(exc):
+                    return False
+                if not self._s3:
+                    # Backends that write in place (not object stores) may leave a partial
+                    # object at its final key; it was not there before, so it is ours.
+                    with contextlib.suppress(Exception):
+                        self.fs.rm_file(path)
+                raise
             return True
 
         try:

@@ -407,7 +407,7 @@ def _record_address(blobs: BlobStore, key: str) -> str | None:
         return None
     try:
         record = json.loads(get_record(key))
-    except (IntegrityError, NotFoundError, ValueError):
+    except (IntegrityError, NotFoundError, ValueError, RecursionError):
         return None
     address = record.get("address") if isinstance(record, dict) else None
     return address if isinstance(address, str) and _is_hex(address, 32) else None
@@ -885,7 +885,7 @@ def verify(
             json.loads(data)
         except NotFoundError:
             continue
-        except (IntegrityError, ValueError) as exc:
+        except (IntegrityError, ValueError, RecursionError) as exc:
             corrupt_records.append(v.add("corrupt_record", key, f"record {key}: {exc}"))
 
     if repair:

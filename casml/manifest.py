@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import platform
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -102,6 +103,69 @@ def dump_manifest(manifest: Manifest) -> bytes:
     )
 
 
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def _key(value: object, what: str) -> str:
+    # Every digest and address becomes a storage path later: only exact keys pass.
+    if not isinstance(value, str) or not _HEX32.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not 32 lowercase hex characters")
+    return value
+
+
+def _size(value: object, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{what} {value!r} is not a byte count")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not a string")
+    return value
+
+
+def _parse(body: dict[str, Any]) -> Manifest:
+    """Build a Manifest from a checked body, refusing fields of the wrong type or shape.
+
+    A checksum proves the bytes are whole, not that their writer was casml: anyone who can
+    write to the storage can forge one. So every field is checked as if hostile.
+    """
+    payload = body["payload"]
+    if not isinstance(payload, dict):
+        raise ValueError("the payload is not an object")
+    inline = payload.get("inline")
+    codec = body["codec"]
+    if not isinstance(codec, dict) or type(codec.get("version")) is not int:
+        raise ValueError(f"the codec {codec!r} is not a name and an int version")
+    module = body.get("module")
+    return Manifest(
+        address=_key(body["address"], "address"),
+        kind=_text(body["kind"], "kind"),
+        class_name=_text(body["class_name"], "class name"),
+        module=None if module is None else _text(module, "module"),
+        created_at=datetime.fromisoformat(_text(body["created_at"], "created_at")),
+        codec=_text(codec["name"], "codec name"),
+        codec_version=codec["version"],
+        payload_digest=_key(payload["digest"], "payload digest"),
+        payload_size=_size(payload["size"], "payload size"),
+        inline_payload=None
+        if inline is None
+        else base64.b64decode(_text(inline, "inline payload"), validate=True),
+        buffers=tuple(
+            tuple((_key(d, "chunk digest"), _size(s, "chunk size")) for d, s in chunks)
+            for chunks in body.get("buffers", [])
+        ),
+        dependencies=tuple(_key(d, "dependency") for d in body.get("dependencies", [])),
+        lazy_refs={
+            _text(k, "attribute"): _key(v, "reference")
+            for k, v in body.get("lazy_refs", {}).items()
+        },
+        hash_attributes=tuple(_text(a, "attribute") for a in body.get("hash_attributes", [])),
+        versions={str(k): str(v) for k, v in body.get("versions", {}).items()},
+    )
+
+
 def load_manifest(data: bytes, address: str) -> Manifest:
     """Parse and check stored manifest bytes; IntegrityError says what is wrong and what to do."""
 
@@ -114,12 +178,14 @@ def load_manifest(data: bytes, address: str) -> Manifest:
 
     try:
         document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise corrupt(f"not valid JSON: {exc}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("casml_manifest"), dict):
-        raise corrupt("not a casml manifest")
-    body = document["casml_manifest"]
-    if document.get("checksum") != _checksum(body):
+        if not isinstance(document, dict) or not isinstance(document.get("casml_manifest"), dict):
+            raise corrupt("not a casml manifest")
+        body = document["casml_manifest"]
+        checksum = _checksum(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: JSON nested thousands deep, which no manifest is.
+        raise corrupt(f"not valid JSON: {type(exc).__name__}: {exc}") from None
+    if document.get("checksum") != checksum:
         raise corrupt("checksum mismatch")
     if body.get("format") != MANIFEST_FORMAT:
         raise IntegrityError(
@@ -129,28 +195,8 @@ def load_manifest(data: bytes, address: str) -> Manifest:
     if body.get("address") != address:
         raise corrupt(f"it describes artifact {body.get('address')!r}")
     try:
-        payload = body["payload"]
-        inline = payload.get("inline")
-        manifest = Manifest(
-            address=body["address"],
-            kind=body["kind"],
-            class_name=body["class_name"],
-            module=body.get("module"),
-            created_at=datetime.fromisoformat(body["created_at"]),
-            codec=body["codec"]["name"],
-            codec_version=int(body["codec"]["version"]),
-            payload_digest=payload["digest"],
-            payload_size=int(payload["size"]),
-            inline_payload=None if inline is None else base64.b64decode(inline, validate=True),
-            buffers=tuple(
-                tuple((str(d), int(s)) for d, s in chunks) for chunks in body.get("buffers", [])
-            ),
-            dependencies=tuple(str(d) for d in body.get("dependencies", [])),
-            lazy_refs={str(k): str(v) for k, v in body.get("lazy_refs", {}).items()},
-            hash_attributes=tuple(str(a) for a in body.get("hash_attributes", [])),
-            versions={str(k): str(v) for k, v in body.get("versions", {}).items()},
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        manifest = _parse(body)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise corrupt(f"missing or malformed field: {exc}") from None
     if manifest.kind not in KINDS:
         raise corrupt(f"unknown kind {manifest.kind!r}")

@@ -56,6 +56,9 @@ Result = TypeVar("Result")
 #: Payloads up to this size live inside the manifest: one object per small put, not two.
 INLINE_PAYLOAD_LIMIT = 16 * 1024
 MIN_PREFIX = 8
+#: Nested eager references a load follows before calling the artifact forged (see _load).
+MAX_REFERENCE_DEPTH = 64
+_LOADING = object()  # in a load's memo: this address is being loaded, deeper in the stack
 _MMAP_THRESHOLD = 1024 * 1024
 _KEY = re.compile(r"^[0-9a-f]{8,32}$")
 
@@ -84,7 +87,19 @@ def _check_name(name: object) -> str | None:
         return None
     if not isinstance(name, str) or not name or len(name) > 255 or "\x00" in name:
         raise CasmlError(f"an artifact name is a non-empty str of at most 255 characters: {name!r}")
+    if not _encodable(name):
+        raise CasmlError(f"an artifact name must be valid Unicode text: {name!r}")
     return name
+
+
+def _encodable(text: str) -> bool:
+    # Lone surrogates (from os.fsdecode of odd bytes, say) have no UTF-8 form: no database
+    # could store them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_tags(tags: object) -> dict[str, str]:
@@ -96,23 +111,35 @@ def _check_tags(tags: object) -> dict[str, str]:
     for key, value in tags.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise CasmlError(f"tags must map str to str; got {key!r}: {value!r}")
-        if not key or len(key) > 255 or len(value) > 1024 or "\x00" in key + value:
+        if (
+            not key
+            or len(key) > 255
+            or len(value) > 1024
+            or "\x00" in key + value
+            or not _encodable(key + value)
+        ):
             raise CasmlError(
-                f"tag {key!r}: keys are 1-255 characters, values at most 1024, no NUL bytes"
+                f"tag {key!r}: keys are 1-255 characters, values at most 1024, valid Unicode "
+                "without NUL characters"
             )
         checked[key] = value
     return checked
 
 
-def _new_buffer(size: int) -> bytearray | mmap.mmap:
+def _new_buffer(size: int, address: str) -> bytearray | mmap.mmap:
     """A writable buffer for ``size`` bytes about to be overwritten by a read.
 
     ``bytearray(n)`` zero-fills every page first, a full extra pass over memory; an anonymous
     mapping gets its pages on first write, as ``numpy.empty`` does.
     """
-    if size < _MMAP_THRESHOLD:
-        return bytearray(size)
-    return mmap.mmap(-1, size)
+    try:
+        if size < _MMAP_THRESHOLD:
+            return bytearray(size)
+        return mmap.mmap(-1, size)
+    except (MemoryError, OSError, OverflowError) as exc:
+        raise CasmlError(
+            f"cannot reserve {size} bytes of memory to load artifact {address}: {exc}"
+        ) from None
 
 
 def _dump_record(body: dict[str, Any]) -> bytes:
@@ -157,6 +184,7 @@ class Store:
         if lease_seconds <= 0:
             raise CasmlError(f"lease_seconds must be positive, got {lease_seconds}")
         self.lease_seconds = float(lease_seconds)
+        self._loading = threading.local()
         if cache_index and not location.startswith("memory://"):
             # The bucket is the truth; this machine's cached index catches up on open.
             self.reindex()
@@ -402,7 +430,37 @@ class Store:
 
     def _load(self, address: str, memo: dict[str, Any]) -> Any:
         if address in memo:
-            return memo[address]
+            known = memo[address]
+            if known is _LOADING:
+                raise IntegrityError(
+                    f"artifact {address} refers to itself through its own references, which "
+                    "no artifact casml wrote can do: its manifests were forged or damaged; "
+                    "run `casml verify` and restore it from a trusted copy"
+                )
+            return known
+        # An eager reference (a Persistable inside a stored container) loads while its
+        # parent decodes, a level of native stack each: bound the depth so that a forged
+        # chain fails cleanly instead of overflowing the stack (SIGSEGV).
+        depth = getattr(self._loading, "depth", 0)
+        if depth >= MAX_REFERENCE_DEPTH:
+            raise IntegrityError(
+                f"artifact {address} sits more than {MAX_REFERENCE_DEPTH} references deep "
+                "inside the artifact being loaded; its manifests were forged or damaged"
+            )
+        self._loading.depth = depth + 1
+        memo[address] = _LOADING
+        try:
+            value = self._load_uncached(address, memo)
+        except BaseException:
+            if memo.get(address) is _LOADING:
+                del memo[address]
+            raise
+        finally:
+            self._loading.depth = depth
+        memo[address] = value
+        return value
+
+    def _load_uncached(self, address: str, memo: dict[str, Any]) -> Any:
         manifest = self._read_manifest(address)
         if manifest.codec != codec.CODEC_NAME or manifest.codec_version > codec.CODEC_VERSION:
             raise IntegrityError(
@@ -420,7 +478,7 @@ class Store:
             payload = self._blobs.get_bytes(manifest.payload_digest)
         buffers: list[memoryview] = []
         for chunks in manifest.buffers:
-            buffer = memoryview(_new_buffer(sum(size for _, size in chunks)))
+            buffer = memoryview(_new_buffer(sum(size for _, size in chunks), address))
             self._blobs.read_into(chunks, buffer)
             buffers.append(buffer)
         value = codec.decode(
@@ -431,7 +489,6 @@ class Store:
         )
         if manifest.kind == "persistable":
             value = self._restore(manifest, value)
-        memo[address] = value
         return value
 
     def _restore(self, manifest: Manifest, state: Any) -> Persistable:
@@ -488,11 +545,18 @@ class Store:
             class_name = getattr(class_name, "__casml_name__", None) or _class_name_of_value(
                 class_name
             )
-        return self._index.find(name=name, class_name=class_name, tags=_check_tags(tags) or None)
+        if class_name is not None and not (isinstance(class_name, str) and _encodable(class_name)):
+            raise CasmlError(f"class_name must be a str or a class, got {class_name!r}")
+        return self._index.find(
+            name=_check_name(name), class_name=class_name, tags=_check_tags(tags) or None
+        )
 
     def latest(self, name: str) -> Any:
         """Load the newest version stored under ``name`` (NotFoundError if none)."""
-        return self.get(self._index.latest(name))
+        checked = _check_name(name)
+        if checked is None:
+            raise CasmlError("latest needs a name, got None")
+        return self.get(self._index.latest(checked))
 
     def delete(self, key: str) -> None:
         """Remove an artifact's records and manifest; its blobs are freed by the next gc."""
@@ -530,8 +594,15 @@ class Store:
             (r for r in records if r.get("kind") == "tags"), key=lambda r: str(r.get("at"))
         )
         for record in [*names, *tag_sets]:
-            with contextlib.suppress(NotFoundError):
+            try:
                 self._apply_record(record)
+            except NotFoundError:
+                continue
+            except IntegrityError as exc:
+                # Its manifest is damaged (warned about above): the other names still count.
+                warnings.warn(
+                    f"reindex skipped a record of a damaged artifact: {exc}", stacklevel=2
+                )
         return added
 
     def _records(self) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
@@ -540,7 +611,7 @@ class Store:
             try:
                 data = self._blobs.get_record(key)
                 record = json.loads(data)
-            except (IntegrityError, ValueError) as exc:
+            except (IntegrityError, ValueError, RecursionError) as exc:
                 warnings.warn(f"skipping damaged record {key}: {exc}", stacklevel=3)
                 continue
             if isinstance(record, dict) and record.get("casml_record") == 1:
@@ -552,11 +623,19 @@ class Store:
             return
         if not self._blobs.has_manifest(address):
             raise NotFoundError(f"no artifact {address}")
+        kind = record.get("kind")
+        try:
+            # Records come from storage: one that a put would have refused is skipped, so a
+            # damaged or forged record cannot stop a reindex or a pull.
+            name = _check_name(record.get("name")) if kind == "name" else None
+            tags = _check_tags(record.get("tags")) if kind == "tags" else None
+        except CasmlError as exc:
+            warnings.warn(f"skipping an invalid {kind} record of {address}: {exc}", stacklevel=3)
+            return
+        if name is None and not tags:
+            return
         manifest = self._read_manifest(address)
-        if record.get("kind") == "name" and isinstance(record.get("name"), str):
-            self._index.add(self._record(manifest), name=_check_name(record["name"]))
-        elif record.get("kind") == "tags" and isinstance(record.get("tags"), dict):
-            self._index.add(self._record(manifest), tags=_check_tags(record["tags"]))
+        self._index.add(self._record(manifest), name=name, tags=tags)
 
     # -- sharing --------------------------------------------------------------------------
 

@@ -131,7 +131,9 @@ def _copy_records(source: Store, target: Store, addresses: set[str]) -> int:
     existing = set(target._blobs.iter_records())
     copied = 0
     for key, data, record in source._records():
-        if record.get("address") not in addresses:
+        address = record.get("address")
+        # Records come from storage: a forged one may hold any JSON here, even a list.
+        if not isinstance(address, str) or address not in addresses:
             continue
         if key not in existing:
             target._blobs.put_record(data)
