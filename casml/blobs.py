@@ -599,12 +599,15 @@ class BlobStore:
 
     def get_bytes(self, digest: str) -> bytes:
         """Return the bytes of blob ``digest``, verified against the digest."""
-        path = self._object_path(digest)
+        return self._read_verified(self._object_path(digest), "blob", digest)
+
+    def _read_verified(self, path: str, what: str, key: str) -> bytes:
+        """Read a whole content-addressed object and check it hashes to its key."""
         if self._local:
-            data = self._local_read_all(path, "blob", digest)
+            data = self._local_read_all(path, what, key)
         else:
-            data = self._generic_read_all(path, "blob", digest)
-        self._verify(digest, path, data)
+            data = self._generic_read_all(path, what, key)
+        self._verify(key, path, data)
         return data
 
     def read_into(self, chunks: Sequence[tuple[str, int]], out: memoryview) -> None:
@@ -991,11 +994,7 @@ class BlobStore:
         if cached is not None:
             return cached
         path = self._pack_path(key)
-        if self._local:
-            data = self._local_read_all(path, "pack", key)
-        else:
-            data = self._generic_read_all(path, "pack", key)
-        self._verify(key, path, data)
+        data = self._read_verified(path, "pack", key)
         try:
             document = msgpack.unpackb(data, raw=False, strict_map_key=True)
             entries = document["manifests"]
@@ -1082,13 +1081,7 @@ class BlobStore:
 
     def get_record(self, key: str) -> bytes:
         """Return a stored record, verified against its key."""
-        path = self._record_path(key)
-        if self._local:
-            data = self._local_read_all(path, "record", key)
-        else:
-            data = self._generic_read_all(path, "record", key)
-        self._verify(key, path, data)
-        return data
+        return self._read_verified(self._record_path(key), "record", key)
 
     def iter_records(self) -> Iterator[str]:
         """Yield the key of every stored record (in no particular order)."""
