@@ -610,6 +610,28 @@ class BlobStore:
         self._verify(key, path, data)
         return data
 
+    def check_sizes(self, chunks: Sequence[tuple[str, int]]) -> None:
+        """Check that local chunks exist with the sizes a manifest claims, before reading.
+
+        A caller about to reserve memory for a large buffer asks first, so a forged manifest
+        claiming gigabytes fails here instead of reserving them. One ``stat`` per chunk on a
+        local folder; other backends are checked as each chunk is read.
+        """
+        if not self._local:
+            return
+        for digest, size in chunks:
+            path = self._object_path(digest)
+            try:
+                stored = os.stat(path).st_size
+            except FileNotFoundError:
+                raise self._not_found("blob", digest, path) from None
+            except OSError as exc:
+                raise _storage_error("inspect", path, exc) from exc
+            if stored != size:
+                raise self._corrupt(
+                    digest, path, f"it holds {stored} bytes where the manifest says {size}"
+                )
+
     def read_into(self, chunks: Sequence[tuple[str, int]], out: memoryview) -> None:
         """Reassemble ``chunks`` into the writable buffer ``out``, verifying every chunk.
 
