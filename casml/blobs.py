@@ -415,15 +415,7 @@ class BlobStore:
         except OSError as exc:
             raise _storage_error("create a temporary file for", path, exc) from exc
         try:
-            try:
-                with memoryview(view) as remaining:
-                    pos, total = 0, len(remaining)
-                    while pos < total:
-                        pos += os.write(fd, remaining[pos : pos + _MAX_IO])
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write_fd(fd, view)
             try:
                 os.link(tmp, path)
                 created = True
@@ -452,6 +444,11 @@ class BlobStore:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
         except FileExistsError:
             return False
+        self._write_fd(fd, view)
+        return True
+
+    def _write_fd(self, fd: int, view: memoryview) -> None:
+        """Write all of ``view`` to ``fd`` (fsync'd when asked), then close it."""
         try:
             pos, total = 0, len(view)
             while pos < total:
@@ -460,7 +457,6 @@ class BlobStore:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        return True
 
     def _local_makedirs(self, directory: str) -> None:
         missing: list[str] = []
@@ -1115,11 +1111,12 @@ class BlobStore:
 
     # ------------------------------------------------------------------ maintenance
 
-    def clean_temp_files(self, older_than: float = 3600.0) -> int:
+    def clean_temp_files(self, older_than: float = 3600.0, *, dry_run: bool = False) -> int:
         """Remove temporary files left by crashed local writers; return how many were removed.
 
         Only files older than ``older_than`` seconds are touched, so in-flight writes of other
-        processes are safe. Non-local backends never leave temporary files behind.
+        processes are safe. Non-local backends never leave temporary files behind. With
+        ``dry_run`` nothing is removed and the count is what would be.
         """
         if not self._local:
             return 0
@@ -1139,7 +1136,8 @@ class BlobStore:
                             continue
                         with contextlib.suppress(FileNotFoundError):
                             if e.stat().st_mtime < cutoff:
-                                os.unlink(e.path)
+                                if not dry_run:
+                                    os.unlink(e.path)
                                 removed += 1
         return removed
 
