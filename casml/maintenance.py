@@ -34,6 +34,7 @@ from casml.blobs import (
     MANIFESTS_DIR,
     OBJECTS_DIR,
     PACKS_DIR,
+    RECORDS_DIR,
     TEMP_SUFFIX,
     BlobStore,
     digest_of,
@@ -83,7 +84,6 @@ _MIN_TEMP_AGE = 600.0
 # With a short grace, gc waits until this long after it started before its second look at
 # the manifests, so a put that was in flight when gc started has time to write its manifest.
 _SETTLE_SECONDS = 1.0
-_RECORDS_DIR = "records"
 _GC_TRASH = ".gc"
 
 _T = TypeVar("_T")
@@ -397,7 +397,7 @@ def _read_manifests(
 
 
 def _record_path(blobs: BlobStore, key: str) -> str:
-    return f"{blobs.root.rstrip('/')}/{_RECORDS_DIR}/{key[:2]}/{key[2:]}"
+    return f"{blobs.root.rstrip('/')}/{RECORDS_DIR}/{key[:2]}/{key[2:]}"
 
 
 def _record_address(blobs: BlobStore, key: str) -> str | None:
@@ -470,46 +470,6 @@ def _delete_blob_if_old(blobs: BlobStore, digest: str, cutoff: float) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(trash)
-
-
-def _count_temp_files(blobs: BlobStore, older_than: float) -> int:
-    """Count what :meth:`BlobStore.clean_temp_files` would remove (for a dry run)."""
-    if not blobs.is_local:
-        return 0
-    cutoff = time.time() - older_than
-    count = 0
-    for area in (OBJECTS_DIR, MANIFESTS_DIR, _RECORDS_DIR):
-        top = os.path.join(blobs.root, area)
-        if not os.path.isdir(top):
-            continue
-        for directory, _, files in os.walk(top):
-            for name in files:
-                if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                    with contextlib.suppress(FileNotFoundError):
-                        if os.stat(os.path.join(directory, name)).st_mtime < cutoff:
-                            count += 1
-    return count
-
-
-def _clean_record_temp_files(blobs: BlobStore, older_than: float) -> int:
-    """Remove temporary files a crashed writer left among the name/tag records.
-
-    ``BlobStore.clean_temp_files`` covers blobs and manifests; a put killed while writing a
-    name or tag record leaves its temporary file here, which nothing else would remove.
-    """
-    if not blobs.is_local:
-        return 0
-    cutoff = time.time() - older_than
-    removed = 0
-    for directory, _, files in os.walk(os.path.join(blobs.root, _RECORDS_DIR)):
-        for name in files:
-            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                path = os.path.join(directory, name)
-                with contextlib.suppress(FileNotFoundError):
-                    if os.stat(path).st_mtime < cutoff:
-                        os.unlink(path)
-                        removed += 1
-    return removed
 
 
 def _manifest_mtime(blobs: BlobStore, address: str) -> float | None:
@@ -619,11 +579,7 @@ def gc(
             _delete_record(blobs, key)
         records_deleted += 1
 
-    if dry_run:
-        temp_files = _count_temp_files(blobs, max(seconds, _MIN_TEMP_AGE))
-    else:
-        temp_files = blobs.clean_temp_files(older_than=max(seconds, _MIN_TEMP_AGE))
-        temp_files += _clean_record_temp_files(blobs, max(seconds, _MIN_TEMP_AGE))
+    temp_files = blobs.clean_temp_files(older_than=max(seconds, _MIN_TEMP_AGE), dry_run=dry_run)
 
     return GcReport(
         blobs_deleted=len(deleted),
@@ -1013,7 +969,7 @@ def disk_usage(store: Store, *, progress: Progress = no_progress) -> DiskUsage:
     manifest_sizes.update(_scan(blobs, PACKS_DIR))
     manifests, _ = _read_manifests(store, addresses, progress, "du: reading manifests")
     blob_sizes = _scan(blobs, OBJECTS_DIR)
-    record_sizes = _scan(blobs, _RECORDS_DIR)
+    record_sizes = _scan(blobs, RECORDS_DIR)
     return DiskUsage(
         artifacts=len(manifests),
         indexed_artifacts=store._index.count(),
