@@ -8,7 +8,6 @@ integration"`` runs the tests that need no server.
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,10 +62,6 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]
 _S = TypeVar("_S")
 
 
-def _require_services() -> bool:
-    return os.environ.get("CASML_REQUIRE_SERVICES", "") == "1"
-
-
 @contextlib.contextmanager
 def _started(
     factory: Callable[[], contextlib.AbstractContextManager[_S]], what: str
@@ -79,9 +74,7 @@ def _started(
             problem = f"{what} could not be started: {exc}"
         # Outside the except block, so that the report shows the reason, not a traceback.
         if problem is not None:
-            if _require_services():
-                pytest.fail(f"{problem} (CASML_REQUIRE_SERVICES=1)", pytrace=False)
-            pytest.skip(problem)
+            services.skip_or_fail(problem)
         yield server
 
 

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "DatabaseServer",
@@ -56,6 +56,15 @@ TEST_PASSWORD = "casml-test-pw"
 ACCESS_KEY = "casmltestkey"
 SECRET_KEY = "casmltestsecret"
 BUCKET = "casml-test"
+
+
+def skip_or_fail(problem: str) -> NoReturn:
+    """Skip a test whose server could not start, or fail when CASML_REQUIRE_SERVICES=1 (CI)."""
+    import pytest
+
+    if os.environ.get("CASML_REQUIRE_SERVICES", "") == "1":
+        pytest.fail(f"{problem} (CASML_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(problem)
 
 
 class ServiceUnavailable(RuntimeError):

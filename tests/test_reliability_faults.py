@@ -71,9 +71,7 @@ def killable_s3() -> Iterator[RestartableSeaweed]:
         server = RestartableSeaweed()
         server.start()
     except (services.ServiceUnavailable, RuntimeError) as exc:
-        if os.environ.get("CASML_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"SeaweedFS could not be started: {exc}")
-        pytest.skip(f"SeaweedFS could not be started: {exc}")
+        services.skip_or_fail(f"SeaweedFS could not be started: {exc}")
     try:
         yield server
     finally:
