@@ -1,11 +1,11 @@
 """Store put/get throughput, side by side in one run, against what users would pick instead.
 
 Large: a float64 array (default 512 MiB) through casml put/get, numpy.save/load, pickle
-(protocol 5) and joblib.dump/load, all to the same disk, best of N rounds, with the peak
-extra memory each needs (tracemalloc; numpy reports its buffers to it). Nobody fsyncs:
+(protocol 5) and joblib.dump/load, all to the same disk, best of N rounds taken in turn,
+with the peak extra memory each needs (tracemalloc; numpy reports its buffers to it). Nobody fsyncs:
 casml's default, like the peers', leaves flushing to the OS (see docs/storage.md).
 Small: 10,000 small dict puts and gets per second, against pickling each dict to its own
-file. Run: python benchmarks/bench_store.py [--mb 512] [--small 10000] [--rounds 3]
+file. Run: python benchmarks/bench_store.py [--mb 512] [--small 10000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import gc
 import pickle
 import shutil
+import statistics
 import tempfile
 import time
 import tracemalloc
@@ -27,17 +28,24 @@ import numpy as np
 from casml import Store
 
 
-def measure(fn: Callable[[], Any]) -> tuple[float, int, Any]:
-    """Run fn once: (seconds, peak bytes allocated above the starting point, result)."""
+def measure(fn: Callable[[], Any], *, traced: bool) -> tuple[float, int, Any]:
+    """Run fn once: (seconds, peak bytes allocated above the starting point, result).
+
+    Timing and memory come from separate runs: tracemalloc slows every allocation (casml's
+    thread pool more than numpy's single write), so a traced run's seconds are not used.
+    """
     gc.collect()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
+    if traced:
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
+    peak = 0
+    if traced:
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
     return seconds, peak, result
 
 
@@ -85,43 +93,56 @@ def large(workdir: Path, mb: int, rounds: int) -> None:
         "pickle p5": (pickle_dump, lambda p, _: pickle_load(p)),
         "joblib": (lambda p: lambda: joblib.dump(array, p), lambda p, _: lambda: joblib.load(p)),
     }
-    results: dict[str, dict[str, tuple[float, int]]] = {}
-    for label, (put_factory, get_factory) in methods.items():
-        best_put: tuple[float, int] = (float("inf"), 0)
-        best_get: tuple[float, int] = (float("inf"), 0)
-        for round_no in range(rounds):
+    seconds: dict[tuple[str, str], list[float]] = {}
+    extra: dict[tuple[str, str], int] = {}
+    # Round 0 measures memory (traced, its times are dropped); the timed rounds go method by
+    # method in turn, so that every method meets the disk in the same moods (page-cache
+    # writeback, discards after deletes) instead of one of them getting all the calm.
+    for round_no in range(rounds + 1):
+        traced = round_no == 0
+        for label, (put_factory, get_factory) in methods.items():
             target = workdir / f"{label.split('.')[0].replace(' ', '_')}-{round_no}"
             if label == "numpy.save/load":
                 target = target.with_suffix(".npy")
-            seconds, peak, token = measure(put_factory(target))
-            best_put = min(best_put, (seconds, peak))
-            seconds, peak, loaded = measure(get_factory(target, token))
+            put_s, put_peak, token = measure(put_factory(target), traced=traced)
+            get_s, get_peak, loaded = measure(get_factory(target, token), traced=traced)
             assert loaded.shape == array.shape and loaded[12345] == array[12345]
-            # The result itself is the array: report what a load needs beyond it.
-            best_get = min(best_get, (seconds, max(0, peak - nbytes)))
             del loaded
+            if traced:
+                extra[label, "put"] = put_peak
+                # The result itself is the array: report what a load needs beyond it.
+                extra[label, "get"] = max(0, get_peak - nbytes)
+            else:
+                seconds.setdefault((label, "put"), []).append(put_s)
+                seconds.setdefault((label, "get"), []).append(get_s)
             if target in stores:
                 stores.pop(target).close()
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink()
-        results[label] = {"put": best_put, "get": best_get}
 
-    print(f"\nLarge: float64 array of {nbytes / 2**20:.0f} MiB, best of {rounds}, no fsync")
     print(
-        f"{'method':<17} {'put GB/s':>9} {'vs np':>6} {'put extra MiB':>14}   "
-        f"{'get GB/s':>9} {'vs np':>6} {'get extra MiB':>14}"
+        f"\nLarge: float64 array of {nbytes / 2**20:.0f} MiB, best of {rounds} interleaved "
+        "rounds (median in brackets), no fsync"
     )
-    ref_put = results["numpy.save/load"]["put"][0]
-    ref_get = results["numpy.save/load"]["get"][0]
-    for label, r in results.items():
-        (ps, pm), (gs, gm) = r["put"], r["get"]
-        print(
-            f"{label:<17} {nbytes / ps / 1e9:9.2f} {ref_put / ps:6.2f} {pm / 2**20:14.1f}   "
-            f"{nbytes / gs / 1e9:9.2f} {ref_get / gs:6.2f} {gm / 2**20:14.1f}"
-        )
-    put_extra = results["casml"]["put"][1] / nbytes
+    print(
+        f"{'method':<17} {'put GB/s':>9} {'vs np':>13} {'extra MiB':>10}   "
+        f"{'get GB/s':>9} {'vs np':>13} {'extra MiB':>10}"
+    )
+    ref = {op: seconds["numpy.save/load", op] for op in ("put", "get")}
+    for label in methods:
+        cells = []
+        for op in ("put", "get"):
+            runs = seconds[label, op]
+            best_ratio = min(ref[op]) / min(runs)
+            median_ratio = statistics.median(ref[op]) / statistics.median(runs)
+            cells.append(
+                f"{nbytes / min(runs) / 1e9:9.2f} {best_ratio:5.2f} ({median_ratio:4.2f}) "
+                f"{extra[label, op] / 2**20:10.1f}"
+            )
+        print(f"{label:<17} {cells[0]}   {cells[1]}")
+    put_extra = extra["casml", "put"] / nbytes
     print(f"casml peak extra memory during put: {put_extra:.3f} x the array")
 
 
@@ -163,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mb", type=int, default=512)
     parser.add_argument("--small", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="casml-bench-", dir=args.dir))

@@ -345,18 +345,31 @@ class BlobStore:
             self._count(objects=1, nbytes=len(view))
         return digest
 
-    def put_chunked(self, data: bytes | bytearray | memoryview) -> list[tuple[str, int]]:
+    def put_chunked(
+        self, data: bytes | bytearray | memoryview, digests: Sequence[str] | None = None
+    ) -> list[tuple[str, int]]:
         """Store ``data`` cut into ``chunk_size`` pieces; return ``[(digest, size), ...]``.
 
         Only missing pieces are written. The pieces are memoryview slices of ``data`` (no
         copies), hashed and written by a small thread pool. A buffer of at most
-        ``chunk_size`` bytes (also an empty one) is a single chunk.
+        ``chunk_size`` bytes (also an empty one) is a single chunk. ``digests``, when the
+        caller already hashed these very pieces, names them without hashing them again; it
+        must hold one digest per piece.
         """
         view = _byte_view(data, "blob")
         n = len(view)
         size = self.chunk_size
         pieces = [view[i : i + size] for i in range(0, n, size)] or [view]
-        results = self._map(self._put_one, pieces)
+        if digests is None:
+            results = self._map(self._put_one, pieces)
+        else:
+            if len(digests) != len(pieces):
+                raise CasmlError(
+                    f"put_chunked got {len(digests)} digests for {len(pieces)} pieces of "
+                    f"{n} bytes cut every {size} bytes"
+                )
+            named = [(_require_digest(d), piece) for d, piece in zip(digests, pieces, strict=True)]
+            results = self._map(self._put_named, named)
         objects = sum(1 for _, _, w in results if w)
         nbytes = sum(s for _, s, w in results if w)
         if objects:
@@ -365,7 +378,11 @@ class BlobStore:
 
     def _put_one(self, view: memoryview) -> tuple[str, int, bool]:
         """Hash and store one piece; return (digest, size, whether this call wrote it)."""
-        digest = xxhash.xxh3_128_hexdigest(view)
+        return self._put_named((xxhash.xxh3_128_hexdigest(view), view))
+
+    def _put_named(self, job: tuple[str, memoryview]) -> tuple[str, int, bool]:
+        """Store one piece under its known digest; return (digest, size, whether written)."""
+        digest, view = job
         path = self._object_path(digest)
         if self._local:
             if self._local_touch_existing(path):

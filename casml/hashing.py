@@ -21,12 +21,15 @@ import functools
 import inspect
 import linecache
 import math
+import os
 import pathlib
 import struct
 import sys
 import textwrap
+import threading
 import types
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +38,14 @@ import xxhash
 
 from casml.errors import UnhashableError
 
-__all__ = ["HASH_FORMAT_VERSION", "hash_value", "register_hasher"]
+__all__ = [
+    "HASH_FORMAT_VERSION",
+    "TREE_CHUNK_BYTES",
+    "ChunkDigestLog",
+    "hash_value",
+    "hash_value_logging_chunks",
+    "register_hasher",
+]
 
 #: Version of the canonical encoding. Bump it whenever any digest of any value would change.
 HASH_FORMAT_VERSION = 1
@@ -45,6 +55,13 @@ _MAX_DEPTH = 400
 # Arrays that are not C-contiguous are re-laid out in blocks of this many bytes, so hashing a
 # Fortran-ordered or strided array never needs a full copy in memory.
 _BLOCK_BYTES = 16 * 1024 * 1024
+#: Arrays holding more bytes than this hash as a tree: the xxh3-128 digests of their
+#: consecutive chunks of this size stand in for the bytes (docs/hashing.md). Part of the
+#: format: changing it changes digests. It equals the blob store's default chunk size, so a
+#: put can reuse these digests as blob names instead of hashing the same bytes again.
+TREE_CHUNK_BYTES = 4 * 1024 * 1024
+# xxhash releases the GIL on large inputs, so the chunks of one array hash in parallel.
+_HASH_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 _pack_len = struct.Struct("<Q").pack
 _pack_f64 = struct.Struct("<d").pack
@@ -75,9 +92,24 @@ def hash_value(value: Any) -> str:
     every PYTHONHASHSEED; dict and set order, array memory layout and views do not matter.
     Raises :class:`~casml.errors.UnhashableError` for values with no canonical encoding.
     """
+    return _hash(value, _Visited(None))
+
+
+def hash_value_logging_chunks(value: Any) -> tuple[str, ChunkDigestLog]:
+    """Hash ``value`` like :func:`hash_value`; also return the chunk digests computed on the way.
+
+    Large C-contiguous arrays hash as a tree of :data:`TREE_CHUNK_BYTES` chunks; the log
+    remembers those digests by memory address, so that storing the same memory right after
+    (``ChunkDigestLog.find``) need not hash it a second time.
+    """
+    log = ChunkDigestLog()
+    return _hash(value, _Visited(log)), log
+
+
+def _hash(value: Any, seen: _Visited) -> str:
     h = xxhash.xxh3_128(_PREFIX)
     try:
-        _encode(value, h, set(), 0)
+        _encode(value, h, seen, 0)
     except UnhashableError as exc:
         raise _finish(exc) from None
     except RecursionError:
@@ -85,6 +117,50 @@ def hash_value(value: Any) -> str:
             "value nests too deeply to hash; flatten it or define __casml_hash__"
         ) from None
     return str(h.hexdigest())
+
+
+class ChunkDigestLog:
+    """Chunk digests of the arrays one hash call saw, found again by the memory they cover.
+
+    An entry holds a weak reference to the array that owns the memory, never the memory
+    itself: a temporary made while hashing dies as usual, and its entry with it, so memory
+    reused for other bytes at the same address is never mistaken for the hashed bytes.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], tuple[weakref.ref[Any], list[bytes]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, array: Any, digests: list[bytes]) -> None:
+        """Remember the chunk digests of the bytes of the C-contiguous ``array``."""
+        owner = array
+        while isinstance(owner.base, type(array)):
+            owner = owner.base
+        key = (int(array.__array_interface__["data"][0]), int(array.nbytes))
+        self._entries[key] = (weakref.ref(owner), digests)
+
+    def find(self, view: memoryview) -> list[str] | None:
+        """Hex digests of ``view``'s chunks if this very memory was hashed, else None."""
+        np = sys.modules.get("numpy")
+        if not self._entries or np is None or view.nbytes <= TREE_CHUNK_BYTES:
+            return None
+        address = int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])
+        entry = self._entries.get((address, view.nbytes))
+        if entry is None or entry[0]() is None:
+            return None
+        return [digest.hex() for digest in entry[1]]
+
+
+class _Visited(set[int]):
+    """The ids of the containers being hashed (to catch cycles), and where chunk digests go."""
+
+    __slots__ = ("chunk_log",)
+
+    def __init__(self, chunk_log: ChunkDigestLog | None) -> None:
+        super().__init__()
+        self.chunk_log = chunk_log
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,7 +243,7 @@ def _float_bytes(x: float) -> bytes:
     return _CANONICAL_NAN if math.isnan(x) else _pack_f64(x)
 
 
-def _sub_digest(value: Any, seen: set[int], depth: int) -> bytes:
+def _sub_digest(value: Any, seen: _Visited, depth: int) -> bytes:
     sub = xxhash.xxh3_128()
     _encode(value, sub, seen, depth)
     return bytes(sub.digest())
@@ -177,7 +253,7 @@ def _sub_digest(value: Any, seen: set[int], depth: int) -> bytes:
 # The dispatcher. Exact types first (fast path for plain data), then protocols and families.
 
 
-def _encode(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     if depth > _MAX_DEPTH:
         raise _fail(value, f"nesting deeper than {_MAX_DEPTH} levels")
     cls = type(value)
@@ -246,7 +322,7 @@ def _encode(value: Any, h: Any, seen: set[int], depth: int) -> None:
     raise _fail(value)
 
 
-def _encode_custom(value: Any, standin: Any, cls: type, h: Any, seen: set[int], depth: int) -> None:
+def _encode_custom(value: Any, standin: Any, cls: type, h: Any, seen: _Visited, depth: int) -> None:
     if standin is value:
         raise _fail(value, f"__casml_hash__ of {_qualname(cls)} returned the object itself")
     _str(h, b"X", _type_name(cls))
@@ -256,54 +332,54 @@ def _encode_custom(value: Any, standin: Any, cls: type, h: Any, seen: set[int], 
         raise _step(exc, ".__casml_hash__()") from None
 
 
-def _enter(value: Any, seen: set[int]) -> None:
+def _enter(value: Any, seen: _Visited) -> None:
     key = id(value)
     if key in seen:
         raise _fail(value, f"cyclic reference to a {_qualname(type(value))}")
     seen.add(key)
 
 
-def _none(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _none(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"N")
 
 
-def _bool(value: bool, h: Any, seen: set[int], depth: int) -> None:
+def _bool(value: bool, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"T" if value else b"F")
 
 
-def _int(value: int, h: Any, seen: set[int], depth: int) -> None:
+def _int(value: int, h: Any, seen: _Visited, depth: int) -> None:
     _bytes(h, b"i", _int_bytes(value))
 
 
-def _float(value: float, h: Any, seen: set[int], depth: int) -> None:
+def _float(value: float, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"f")
     h.update(_float_bytes(value))
 
 
-def _complex(value: complex, h: Any, seen: set[int], depth: int) -> None:
+def _complex(value: complex, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"c")
     h.update(_float_bytes(value.real))
     h.update(_float_bytes(value.imag))
 
 
-def _text(value: str, h: Any, seen: set[int], depth: int) -> None:
+def _text(value: str, h: Any, seen: _Visited, depth: int) -> None:
     _str(h, b"s", value)
 
 
-def _raw_bytes(value: bytes, h: Any, seen: set[int], depth: int) -> None:
+def _raw_bytes(value: bytes, h: Any, seen: _Visited, depth: int) -> None:
     _bytes(h, b"b", value)
 
 
-def _bytearray(value: bytearray, h: Any, seen: set[int], depth: int) -> None:
+def _bytearray(value: bytearray, h: Any, seen: _Visited, depth: int) -> None:
     _bytes(h, b"y", value)
 
 
-def _memoryview(value: memoryview, h: Any, seen: set[int], depth: int) -> None:
+def _memoryview(value: memoryview, h: Any, seen: _Visited, depth: int) -> None:
     _bytes(h, b"v", value.tobytes() if not value.c_contiguous else value.cast("B"))
 
 
-def _sequence(tag: bytes) -> Callable[[Any, Any, set[int], int], None]:
-    def write(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _sequence(tag: bytes) -> Callable[[Any, Any, _Visited, int], None]:
+    def write(value: Any, h: Any, seen: _Visited, depth: int) -> None:
         _enter(value, seen)
         h.update(tag)
         h.update(_pack_len(len(value)))
@@ -319,7 +395,7 @@ def _sequence(tag: bytes) -> Callable[[Any, Any, set[int], int], None]:
     return write
 
 
-def _dict(value: dict[Any, Any], h: Any, seen: set[int], depth: int) -> None:
+def _dict(value: dict[Any, Any], h: Any, seen: _Visited, depth: int) -> None:
     _enter(value, seen)
     try:
         pairs = []
@@ -343,7 +419,7 @@ def _dict(value: dict[Any, Any], h: Any, seen: set[int], depth: int) -> None:
         h.update(digest)
 
 
-def _ordered_dict_items(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _ordered_dict_items(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     h.update(_pack_len(len(value)))
     for key, item in value.items():
         try:
@@ -353,7 +429,7 @@ def _ordered_dict_items(value: Any, h: Any, seen: set[int], depth: int) -> None:
             raise _step(exc, f"[{_key_repr(key)}]") from None
 
 
-def _encode_ordered_dict(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_ordered_dict(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     # OrderedDict equality depends on order, so its hash does too.
     _enter(value, seen)
     try:
@@ -363,8 +439,8 @@ def _encode_ordered_dict(value: Any, h: Any, seen: set[int], depth: int) -> None
         seen.discard(id(value))
 
 
-def _unordered(tag: bytes) -> Callable[[Any, Any, set[int], int], None]:
-    def write(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _unordered(tag: bytes) -> Callable[[Any, Any, _Visited, int], None]:
+    def write(value: Any, h: Any, seen: _Visited, depth: int) -> None:
         _enter(value, seen)
         try:
             digests = []
@@ -384,13 +460,13 @@ def _unordered(tag: bytes) -> Callable[[Any, Any, set[int], int], None]:
     return write
 
 
-def _range(value: range, h: Any, seen: set[int], depth: int) -> None:
+def _range(value: range, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"r")
     for n in (value.start, value.stop, value.step):
         _bytes(h, b"i", _int_bytes(n))
 
 
-def _datetime(value: _dt.datetime, h: Any, seen: set[int], depth: int) -> None:
+def _datetime(value: _dt.datetime, h: Any, seen: _Visited, depth: int) -> None:
     offset = value.utcoffset()
     if offset is None:
         _str(h, b"D", value.isoformat())
@@ -400,30 +476,30 @@ def _datetime(value: _dt.datetime, h: Any, seen: set[int], depth: int) -> None:
         _str(h, b"Z", utc.isoformat())
 
 
-def _date(value: _dt.date, h: Any, seen: set[int], depth: int) -> None:
+def _date(value: _dt.date, h: Any, seen: _Visited, depth: int) -> None:
     _str(h, b"a", value.isoformat())
 
 
-def _time(value: _dt.time, h: Any, seen: set[int], depth: int) -> None:
+def _time(value: _dt.time, h: Any, seen: _Visited, depth: int) -> None:
     _str(h, b"h", value.isoformat())
 
 
-def _timedelta(value: _dt.timedelta, h: Any, seen: set[int], depth: int) -> None:
+def _timedelta(value: _dt.timedelta, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"e")
     for n in (value.days, value.seconds, value.microseconds):
         _bytes(h, b"i", _int_bytes(n))
 
 
-def _decimal(value: decimal.Decimal, h: Any, seen: set[int], depth: int) -> None:
+def _decimal(value: decimal.Decimal, h: Any, seen: _Visited, depth: int) -> None:
     _str(h, b"m", str(value))
 
 
-def _uuid(value: uuid.UUID, h: Any, seen: set[int], depth: int) -> None:
+def _uuid(value: uuid.UUID, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"u")
     h.update(value.bytes)
 
 
-def _encode_path(value: pathlib.PurePath, h: Any, seen: set[int], depth: int) -> None:
+def _encode_path(value: pathlib.PurePath, h: Any, seen: _Visited, depth: int) -> None:
     # Parts, not the native string: Path("a/b") hashes alike on POSIX and Windows.
     h.update(b"p")
     h.update(_pack_len(len(value.parts)))
@@ -431,7 +507,7 @@ def _encode_path(value: pathlib.PurePath, h: Any, seen: set[int], depth: int) ->
         _str(h, b"s", part)
 
 
-def _encode_dataclass(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_dataclass(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     _enter(value, seen)
     try:
         fields = sorted(dataclasses.fields(value), key=lambda f: f.name)
@@ -447,7 +523,7 @@ def _encode_dataclass(value: Any, h: Any, seen: set[int], depth: int) -> None:
         seen.discard(id(value))
 
 
-def _encode_namedtuple(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_namedtuple(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     _enter(value, seen)
     try:
         _str(h, b"n", _qualname(type(value)))
@@ -501,7 +577,7 @@ def _lambda_body(code: Any) -> str:
     return body.decode("utf-8", "replace").strip()
 
 
-def _encode_function(fn: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_function(fn: Any, h: Any, seen: _Visited, depth: int) -> None:
     _enter(fn, seen)
     try:
         module = getattr(fn, "__module__", None) or ""
@@ -549,7 +625,7 @@ def _encode_function(fn: Any, h: Any, seen: set[int], depth: int) -> None:
         seen.discard(id(fn))
 
 
-def _encode_partial(value: functools.partial[Any], h: Any, seen: set[int], depth: int) -> None:
+def _encode_partial(value: functools.partial[Any], h: Any, seen: _Visited, depth: int) -> None:
     _enter(value, seen)
     try:
         h.update(b"q")
@@ -562,7 +638,7 @@ def _encode_partial(value: functools.partial[Any], h: Any, seen: set[int], depth
         seen.discard(id(value))
 
 
-_EXACT: dict[type, Callable[[Any, Any, set[int], int], None]] = {
+_EXACT: dict[type, Callable[[Any, Any, _Visited, int], None]] = {
     type(None): _none,
     bool: _bool,
     int: _int,
@@ -627,23 +703,87 @@ def _dtype_descr(dtype: Any) -> Any:
     return little.descr
 
 
-def _update_array_bytes(arr: Any, h: Any) -> None:
+def _update_array_bytes(arr: Any, h: Any, seen: _Visited) -> None:
     np = sys.modules["numpy"]
     if arr.size == 0:
         return
+    tree = arr.nbytes > TREE_CHUNK_BYTES
     if arr.flags.c_contiguous:
-        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+        flat = memoryview(arr.reshape(-1).view(np.uint8))
+        if not tree:
+            h.update(flat)
+            return
+        digests = _chunk_digests(flat)
+        if seen.chunk_log is not None:
+            seen.chunk_log.record(arr, digests)
+        h.update(b"".join(digests))
         return
     # Re-lay out block by block along the first axis: the byte stream equals the C-order one.
+    feed = _ChunkFeed() if tree else None
     rows = arr.shape[0]
     row_bytes = max(1, arr.nbytes // rows)
     step = max(1, _BLOCK_BYTES // row_bytes)
     for start in range(0, rows, step):
         block = np.ascontiguousarray(arr[start : start + step])
-        h.update(memoryview(block.reshape(-1).view(np.uint8)))
+        data = memoryview(block.reshape(-1).view(np.uint8))
+        if feed is None:
+            h.update(data)
+        else:
+            feed.add(data)
+    if feed is not None:
+        h.update(b"".join(feed.finish()))
 
 
-def _encode_ndarray(arr: Any, h: Any, seen: set[int], depth: int) -> None:
+def _chunk_digests(data: memoryview) -> list[bytes]:
+    """The xxh3-128 digests of ``data``'s consecutive TREE_CHUNK_BYTES chunks, in parallel."""
+    size = TREE_CHUNK_BYTES
+    pieces = [data[i : i + size] for i in range(0, len(data), size)]
+    workers = min(_HASH_THREADS, len(pieces))
+    if workers < 2:
+        return [xxhash.xxh3_128_digest(piece) for piece in pieces]
+    # Each thread takes a contiguous run of chunks: one hand-off per thread, not per chunk.
+    results: list[list[bytes]] = [[] for _ in range(workers)]
+    bounds = [len(pieces) * k // workers for k in range(workers + 1)]
+
+    def run(k: int) -> None:
+        results[k] = [xxhash.xxh3_128_digest(p) for p in pieces[bounds[k] : bounds[k + 1]]]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, workers)]
+    for thread in threads:
+        thread.start()
+    run(0)
+    for thread in threads:
+        thread.join()
+    return [digest for part in results for digest in part]
+
+
+class _ChunkFeed:
+    """Cuts a stream of byte pieces into TREE_CHUNK_BYTES chunks and digests each one."""
+
+    def __init__(self) -> None:
+        self._digests: list[bytes] = []
+        self._state = xxhash.xxh3_128()
+        self._filled = 0
+
+    def add(self, data: memoryview) -> None:
+        pos, n = 0, len(data)
+        while pos < n:
+            take = min(n - pos, TREE_CHUNK_BYTES - self._filled)
+            self._state.update(data[pos : pos + take])
+            self._filled += take
+            pos += take
+            if self._filled == TREE_CHUNK_BYTES:
+                self._digests.append(self._state.digest())
+                self._state.reset()
+                self._filled = 0
+
+    def finish(self) -> list[bytes]:
+        if self._filled:
+            self._digests.append(self._state.digest())
+        return self._digests
+
+
+def _encode_ndarray(arr: Any, h: Any, seen: _Visited, depth: int) -> None:
     h.update(b"A")
     _encode(_dtype_descr(arr.dtype), h, seen, depth + 1)
     _encode(tuple(int(n) for n in arr.shape), h, seen, depth + 1)
@@ -659,10 +799,10 @@ def _encode_ndarray(arr: Any, h: Any, seen: set[int], depth: int) -> None:
         return
     arr = _canonical_array(arr)
     h.update(_pack_len(arr.nbytes))
-    _update_array_bytes(arr, h)
+    _update_array_bytes(arr, h, seen)
 
 
-def _encode_numpy(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_numpy(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     np = sys.modules["numpy"]
     if isinstance(value, np.ndarray):
         if type(value) is not np.ndarray:
@@ -703,7 +843,7 @@ def _encode_numpy(value: Any, h: Any, seen: set[int], depth: int) -> None:
 # are canonicalized, so a pandas upgrade does not invalidate every stored dataset.
 
 
-def _encode_pandas(value: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_pandas(value: Any, h: Any, seen: _Visited, depth: int) -> None:
     pd = sys.modules["pandas"]
     if isinstance(value, pd.DataFrame):
         h.update(b"F")
@@ -745,7 +885,7 @@ def _encode_pandas(value: Any, h: Any, seen: set[int], depth: int) -> None:
     raise _fail(value)
 
 
-def _encode_index(index: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_index(index: Any, h: Any, seen: _Visited, depth: int) -> None:
     pd = sys.modules["pandas"]
     h.update(b"I")
     if isinstance(index, pd.MultiIndex):
@@ -765,7 +905,7 @@ def _is_text_like(values: Any) -> bool:
     return kind in ("string", "empty")
 
 
-def _encode_missing_aware(items: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_missing_aware(items: Any, h: Any, seen: _Visited, depth: int) -> None:
     pd = sys.modules["pandas"]
     h.update(_pack_len(len(items)))
     for index, item in enumerate(items):
@@ -778,7 +918,7 @@ def _encode_missing_aware(items: Any, h: Any, seen: set[int], depth: int) -> Non
             raise _step(exc, f".iloc[{index}]") from None
 
 
-def _encode_column(values: Any, h: Any, seen: set[int], depth: int) -> None:
+def _encode_column(values: Any, h: Any, seen: _Visited, depth: int) -> None:
     """Hash a Series' or an Index's values by dtype family (see docs/hashing.md)."""
     pd = sys.modules["pandas"]
     np = sys.modules["numpy"]

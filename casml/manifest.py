@@ -68,9 +68,14 @@ def writer_versions() -> dict[str, str]:
     return {"casml": __version__, "python": platform.python_version()}
 
 
+def _canonical_json(body: dict[str, Any]) -> bytes:
+    # Compact separators keep json on its C encoder (indent would force the slow Python one).
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return text.encode("ascii")
+
+
 def _checksum(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return str(xxhash.xxh3_128_hexdigest(canonical.encode("ascii")))
+    return str(xxhash.xxh3_128_hexdigest(_canonical_json(body)))
 
 
 def dump_manifest(manifest: Manifest) -> bytes:
@@ -96,11 +101,11 @@ def dump_manifest(manifest: Manifest) -> bytes:
         "hash_attributes": list(manifest.hash_attributes),
         "versions": dict(manifest.versions),
     }
-    document = {"casml_manifest": body, "checksum": _checksum(body)}
-    # Compact separators keep json on its C encoder (indent would force the slow Python one).
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
-        "ascii"
-    )
+    canonical = _canonical_json(body)
+    checksum = xxhash.xxh3_128_hexdigest(canonical)
+    # The document is {"casml_manifest": body, "checksum": ...} in canonical JSON; the body is
+    # encoded once and spliced in ("casml_manifest" sorts before "checksum"), not twice.
+    return b'{"casml_manifest":' + canonical + b',"checksum":"' + checksum.encode() + b'"}'
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")

@@ -36,7 +36,7 @@ from casml.errors import (
     UnhashableError,
 )
 from casml.graph import render_graph
-from casml.hashing import hash_value
+from casml.hashing import TREE_CHUNK_BYTES, ChunkDigestLog, hash_value_logging_chunks
 from casml.index import ArtifactRecord, Index
 from casml.info import ArtifactInfo
 from casml.manifest import Manifest, dump_manifest, load_manifest, writer_versions
@@ -250,13 +250,13 @@ class Store:
         return self._put(obj, checked_name, checked_tags, {})
 
     def _put(self, obj: Any, name: str | None, tags: dict[str, str], memo: dict[int, str]) -> str:
-        address = self._address_of(obj)
+        address, chunk_log = self._address_and_chunks(obj)
         if address is not None and name is None and not tags and self._index.contains(address):
             memo[id(obj)] = address
             return address
         manifest = self._existing_manifest(address) if address is not None else None
         if manifest is None:
-            manifest = self._write(obj, address, memo)
+            manifest = self._write(obj, address, memo, chunk_log=chunk_log)
         memo[id(obj)] = manifest.address
         self._index_named(manifest, name, tags)
         return manifest.address
@@ -287,14 +287,18 @@ class Store:
         return info
 
     def _address_of(self, obj: Any) -> str | None:
+        return self._address_and_chunks(obj)[0]
+
+    def _address_and_chunks(self, obj: Any) -> tuple[str | None, ChunkDigestLog | None]:
+        """The address of ``obj``, with the chunk digests hashing a plain value produced."""
         if isinstance(obj, Persistable):
-            return obj.hash_
+            return obj.hash_, None
         try:
-            return hash_value(obj)
+            return hash_value_logging_chunks(obj)
         except UnhashableError:
             if not self.allow_pickle:
                 raise
-            return None  # addressed by its encoded bytes instead (see _write)
+            return None, None  # addressed by its encoded bytes instead (see _write)
 
     def _existing_manifest(self, address: str) -> Manifest | None:
         try:
@@ -309,6 +313,7 @@ class Store:
         address: str | None,
         memo: dict[int, str],
         extra_dependencies: tuple[str, ...] = (),
+        chunk_log: ChunkDigestLog | None = None,
     ) -> Manifest:
         lazy_refs: dict[str, str] = {}
         if isinstance(obj, Persistable):
@@ -325,7 +330,12 @@ class Store:
             allow_pickle=self.allow_pickle,
             reference_of=lambda value: self._reference_of(value, memo),
         )
-        buffers = tuple(tuple(self._blobs.put_chunked(buf)) for buf in encoded.buffers)
+        if chunk_log is not None and self._blobs.chunk_size != TREE_CHUNK_BYTES:
+            chunk_log = None  # its chunks are not this store's chunks
+        buffers = tuple(
+            tuple(self._blobs.put_chunked(buf, chunk_log.find(buf) if chunk_log else None))
+            for buf in encoded.buffers
+        )
         payload_digest = xxhash.xxh3_128_hexdigest(encoded.payload)
         inline = len(encoded.payload) <= INLINE_PAYLOAD_LIMIT
         if not inline:

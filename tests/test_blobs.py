@@ -555,3 +555,17 @@ def test_fsync_mode_and_temp_cleanup(tmp_path: Path) -> None:
     assert s.clean_temp_files(older_than=3600) == 1
     assert not stale.exists() and fresh.exists()
     assert s.get_bytes(chunks[0][0]) == data[:MiB]
+
+
+def test_put_chunked_with_known_digests(small_store: BlobStore) -> None:
+    data = rand_bytes(2 * MiB + 5, seed=9)
+    expected = small_store.put_chunked(memoryview(data))
+    other = BlobStore.from_url(small_store.url + "-named", chunk_size=MiB)
+    assert other.put_chunked(memoryview(data), [d for d, _ in expected]) == expected
+    out = bytearray(len(data))
+    other.read_into(expected, memoryview(out))
+    assert bytes(out) == data
+    with pytest.raises(CasmlError, match="2 digests for 3 pieces"):
+        other.put_chunked(memoryview(data), [d for d, _ in expected][:2])
+    with pytest.raises(CasmlError):
+        other.put_chunked(memoryview(data), ["not-a-digest", *[d for d, _ in expected][1:]])

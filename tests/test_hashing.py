@@ -343,3 +343,96 @@ def test_lambdas_on_one_line_are_told_apart() -> None:
     same = [lambda x: x + 1, lambda x: x + 1]
     assert casml.hash_value(pair[0]) != casml.hash_value(pair[1])
     assert casml.hash_value(same[0]) == casml.hash_value(same[1])
+
+
+# -- large arrays hash as a tree of 4 MiB chunk digests (docs/hashing.md) ----------------
+
+
+def _spec_array_digest(arr: np.ndarray[Any, Any]) -> str:
+    """The spec of a 1-D little-endian numeric array, written out independently of casml."""
+    import xxhash
+
+    def length(n: int) -> bytes:
+        return struct.pack("<Q", n)
+
+    def text(tag: bytes, s: str) -> bytes:
+        data = s.encode()
+        return tag + length(len(data)) + data
+
+    def integer(n: int) -> bytes:
+        data = n.to_bytes(n.bit_length() // 8 + 1, "little", signed=True)
+        return b"i" + length(len(data)) + data
+
+    raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+    chunk = casml.hashing.TREE_CHUNK_BYTES
+    if len(raw) > chunk:
+        body = b"".join(
+            xxhash.xxh3_128_digest(raw[i : i + chunk]) for i in range(0, len(raw), chunk)
+        )
+    else:
+        body = raw
+    shape = b"t" + length(arr.ndim) + b"".join(integer(n) for n in arr.shape)
+    encoded = (
+        b"casml-hash\x00"
+        + bytes([casml.hashing.HASH_FORMAT_VERSION])
+        + b"A"
+        + text(b"s", arr.dtype.newbyteorder("<").str)
+        + shape
+        + length(len(raw))
+        + body
+    )
+    return xxhash.xxh3_128_hexdigest(encoded)
+
+
+@pytest.mark.parametrize(
+    "n_items",
+    [
+        100,  # small: the bytes themselves
+        524_288,  # exactly one chunk (4 MiB of float64): still the bytes themselves
+        524_289,  # one byte-item over: two chunks, the second of 8 bytes
+        1_500_000,  # three chunks, uneven tail
+    ],
+)
+def test_array_encoding_follows_the_written_spec(n_items: int) -> None:
+    arr = np.random.default_rng(n_items).random(n_items)
+    assert casml.hash_value(arr) == _spec_array_digest(arr)
+
+
+def test_tree_hash_is_layout_free_and_sees_every_chunk() -> None:
+    rows = np.random.default_rng(5).random((1_500, 700))  # 8.4 MB: three chunks
+    padded = np.zeros((3_000, 700))
+    padded[::2] = rows
+    digest = casml.hash_value(rows)
+    # Fortran order and strided views go through the block re-layout, whose blocks do not
+    # line up with chunk boundaries; byte-swapped data is converted first.
+    assert casml.hash_value(np.asfortranarray(rows)) == digest
+    assert casml.hash_value(padded[::2]) == digest
+    assert casml.hash_value(rows.astype(">f8")) == digest
+    for flat_index in (0, 524_287, 524_288, rows.size - 1):  # both sides of a boundary
+        changed = rows.copy()
+        changed.flat[flat_index] += 1.0
+        assert casml.hash_value(changed) != digest, flat_index
+
+
+def test_chunk_digest_log_only_answers_for_live_hashed_memory() -> None:
+    from casml.hashing import TREE_CHUNK_BYTES, hash_value_logging_chunks
+
+    arr = np.random.default_rng(6).random(1_200_000)  # 9.6 MB
+    digest, log = hash_value_logging_chunks({"w": arr, "small": np.ones(3)})
+    assert digest == casml.hash_value({"w": arr, "small": np.ones(3)})
+    view = memoryview(arr).cast("B")
+    found = log.find(view)
+    assert found == [
+        __import__("xxhash").xxh3_128_hexdigest(view[i : i + TREE_CHUNK_BYTES])
+        for i in range(0, len(view), TREE_CHUNK_BYTES)
+    ]
+    assert log.find(view[8:]) is None  # other memory, same array
+    assert log.find(memoryview(arr.copy()).cast("B")) is None  # equal bytes, other memory
+    # A temporary made while hashing (here the little-endian copy of a big-endian array) is
+    # not remembered once it is gone, so its address can never vouch for other bytes.
+    # The allocator hands freed blocks of one size out again, so fresh arrays of that size
+    # are where a stale entry would show.
+    _, log2 = hash_value_logging_chunks(arr.astype(">f8"))
+    assert len(log2) == 1
+    fresh = [np.empty_like(arr) for _ in range(4)]
+    assert all(log2.find(memoryview(a).cast("B")) is None for a in [arr, *fresh])

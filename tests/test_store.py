@@ -104,6 +104,57 @@ def test_two_artifacts_sharing_an_array_store_it_once(store: Store) -> None:
     assert size_after_second - size_after_first < 64 * 1024  # a manifest, not 8 MiB
 
 
+def _count_chunk_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the pieces the blob store hashes itself (rather than being handed digests)."""
+    from casml.blobs import BlobStore
+
+    hashed: list[int] = []
+    original = BlobStore._put_one
+
+    def counting(self: BlobStore, view: memoryview) -> Any:
+        hashed.append(len(view))
+        return original(self, view)
+
+    monkeypatch.setattr(BlobStore, "_put_one", counting)
+    return hashed
+
+
+def test_a_large_array_is_hashed_once_per_put(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed = _count_chunk_hashing(monkeypatch)
+    frame = pd.DataFrame({"x": np.random.default_rng(2).random(700_000)})  # 5.6 MB column
+    value = {"w": np.random.default_rng(3).random((1_500, 1_000)), "frame": frame}  # 12 MB
+    h = store.put(value)
+    # The 4 MiB chunk digests the address needed name the blobs: no piece hashed again.
+    assert hashed == []
+    assert store.verify().ok
+    loaded = store.get(h)
+    np.testing.assert_array_equal(loaded["w"], value["w"])
+    pd.testing.assert_frame_equal(loaded["frame"], frame)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: np.asfortranarray(a),  # stored as the transpose's bytes: not the hashed ones
+        lambda a: a.astype(">f8"),  # hashed through a little-endian temporary
+    ],
+    ids=["fortran", "big-endian"],
+)
+def test_arrays_whose_stored_bytes_differ_from_hashed_ones_are_hashed_again(
+    store: Store, monkeypatch: pytest.MonkeyPatch, make: Any
+) -> None:
+    hashed = _count_chunk_hashing(monkeypatch)
+    array = make(np.random.default_rng(4).random((1_500, 1_000)))
+    h = store.put(array)
+    assert sum(hashed) == array.nbytes
+    assert store.verify().ok
+    loaded = store.get(h)
+    np.testing.assert_array_equal(loaded, array)
+    assert loaded.dtype == array.dtype
+
+
 @pytest.mark.slow
 def test_changing_one_percent_of_rows_writes_under_five_percent(store: Store) -> None:
     rows = 64 * 1024

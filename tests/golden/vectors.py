@@ -165,6 +165,15 @@ def numpy_vectors() -> dict[str, Any]:
         "np_scalar_datetime": np.datetime64("2024-01-01T00:00:00", "s"),
         "np_dtype": np.dtype("float32"),
         "np_in_dict": {"weights": np.ones(3, dtype=np.float64), "bias": np.float32(0.5)},
+        # Over 4 MiB of bytes an array hashes as the digests of its 4 MiB chunks (the tree
+        # rule of docs/hashing.md); exactly 4 MiB is still hashed byte by byte.
+        "np_tree_exact_chunk": np.arange(524_288, dtype=np.float64),
+        "np_tree_f64": np.arange(600_000, dtype=np.float64),
+        "np_tree_f64_big_endian": np.arange(600_000, dtype=">f8"),
+        "np_tree_i32_fortran": np.asfortranarray(
+            np.arange(3_000_000, dtype=np.int32).reshape(1_500, 2_000)
+        ),
+        "np_tree_strided": np.arange(2_000_000, dtype=np.int64).reshape(1_000, 2_000)[:, ::3],
     }
 
 
@@ -216,6 +225,9 @@ def pandas_vectors() -> dict[str, Any]:
         "pd_timestamp": pd.Timestamp("2024-03-01 10:00:00", tz="UTC"),
         "pd_timedelta": pd.Timedelta(seconds=90),
         "pd_in_list": [pd.Series([1.0], dtype="float64"), {"frame": pd.DataFrame({"z": [0]})}],
+        "pd_tree_frame": pd.DataFrame(
+            {"x": np.arange(700_000, dtype="float64"), "y": np.arange(700_000, dtype="int64")}
+        ),
     }
 
 
