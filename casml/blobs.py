@@ -915,6 +915,13 @@ class BlobStore:
         the default re-lists packs on a miss, so a pack pushed by another machine is seen.
         """
         path = self._manifest_path(address)
+        if self._local and not fresh and not os.path.exists(path):
+            # A put asking "is this new?": most answers are yes, and a stat says so several
+            # times faster than a failed open raising through the read path.
+            packed = self._packed_manifest(address, fresh)
+            if packed is None:
+                raise self._not_found("manifest of artifact", address, path)
+            return packed
         try:
             if self._local:
                 return self._local_read_all(path, "manifest of artifact", address)
