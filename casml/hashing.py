@@ -742,19 +742,29 @@ def _chunk_digests(data: memoryview) -> list[bytes]:
     if workers < 2:
         return [xxhash.xxh3_128_digest(piece) for piece in pieces]
     # Each thread takes a contiguous run of chunks: one hand-off per thread, not per chunk.
-    results: list[list[bytes]] = [[] for _ in range(workers)]
+    results: list[list[bytes] | None] = [None] * workers
+    failures: list[BaseException] = []
     bounds = [len(pieces) * k // workers for k in range(workers + 1)]
 
     def run(k: int) -> None:
-        results[k] = [xxhash.xxh3_128_digest(p) for p in pieces[bounds[k] : bounds[k + 1]]]
+        try:
+            results[k] = [xxhash.xxh3_128_digest(p) for p in pieces[bounds[k] : bounds[k + 1]]]
+        except BaseException as exc:  # re-raised in the caller: a lost part is a wrong hash
+            failures.append(exc)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, workers)]
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(1, workers)]
     for thread in threads:
         thread.start()
     run(0)
     for thread in threads:
         thread.join()
-    return [digest for part in results for digest in part]
+    if failures:
+        raise failures[0]
+    digests: list[bytes] = []
+    for part in results:
+        assert part is not None  # every thread filled its part or recorded its failure
+        digests.extend(part)
+    return digests
 
 
 class _ChunkFeed:

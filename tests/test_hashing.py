@@ -436,3 +436,23 @@ def test_chunk_digest_log_only_answers_for_live_hashed_memory() -> None:
     assert len(log2) == 1
     fresh = [np.empty_like(arr) for _ in range(4)]
     assert all(log2.find(memoryview(a).cast("B")) is None for a in [arr, *fresh])
+
+
+def test_a_failure_while_hashing_a_chunk_in_a_thread_reaches_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import xxhash
+
+    arr = np.arange(3_000_000, dtype=np.float64)  # 24 MB: six chunks, the last in a thread
+    last_chunk_bytes = arr.nbytes % casml.hashing.TREE_CHUNK_BYTES or casml.hashing.TREE_CHUNK_BYTES
+    real = xxhash.xxh3_128_digest
+
+    def failing(data: Any) -> bytes:
+        if len(memoryview(data)) == last_chunk_bytes:
+            raise MemoryError("simulated")
+        return bytes(real(data))
+
+    monkeypatch.setattr(casml.hashing, "_HASH_THREADS", 2)
+    monkeypatch.setattr(xxhash, "xxh3_128_digest", failing)
+    with pytest.raises(MemoryError, match="simulated"):
+        casml.hash_value(arr)
