@@ -972,7 +972,8 @@ def _encode_column(values: Any, h: Any, seen: _Visited, depth: int) -> None:
         # pandas 3 infers coarser datetime units than pandas 2: hash at nanoseconds.
         unit_dtype = "datetime64[ns]" if array.dtype.kind == "M" else "timedelta64[ns]"
         h.update(b"Cnp")
-        _encode_ndarray(array.astype(unit_dtype), h, seen, depth + 1)
+        # copy=False: a column already in nanoseconds is hashed in place, not copied.
+        _encode_ndarray(array.astype(unit_dtype, copy=False), h, seen, depth + 1)
         return
     if array.dtype.kind == "O":
         if _is_text_like(array):
