@@ -155,6 +155,26 @@ def test_arrays_whose_stored_bytes_differ_from_hashed_ones_are_hashed_again(
     assert loaded.dtype == array.dtype
 
 
+def test_an_array_changed_while_being_put_is_caught_on_read_not_loaded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from casml.blobs import BlobStore
+
+    array = np.random.default_rng(5).random(1_500_000)  # 12 MB: three chunks
+    original = BlobStore._put_named
+
+    def change_then_write(self: BlobStore, job: Any) -> Any:
+        array[0] += 1.0  # another thread's update, landing after the hash, before the write
+        return original(self, job)
+
+    monkeypatch.setattr(BlobStore, "_put_named", change_then_write)
+    h = store.put(array)
+    monkeypatch.undo()
+    with pytest.raises(IntegrityError):
+        store.get(h)
+    assert not store.verify().ok
+
+
 @pytest.mark.slow
 def test_changing_one_percent_of_rows_writes_under_five_percent(store: Store) -> None:
     rows = 64 * 1024
