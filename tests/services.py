@@ -323,6 +323,27 @@ def _create_bucket_when_ready(server: S3Server) -> Callable[[], bool]:
 
 
 @contextlib.contextmanager
+def _serve_s3(argv: list[str], log: Path, port: int, bucket: str, what: str) -> Iterator[S3Server]:
+    """Start an S3 server with the test credentials, wait for its bucket, stop it after."""
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    start = time.monotonic()
+    proc = _Process(argv, log, env=env)
+    try:
+        server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, bucket)
+        _wait_until(lambda: _port_open(port), proc, what)
+        _wait_until(_create_bucket_when_ready(server), proc, f"{what}'s bucket")
+        yield S3Server(
+            server.endpoint_url,
+            ACCESS_KEY,
+            SECRET_KEY,
+            bucket,
+            started_in=time.monotonic() - start,
+        )
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
 def seaweedfs(bucket: str = BUCKET) -> Iterator[S3Server]:
     """Run ``weed mini`` (master, volume, filer, S3) on free loopback ports; yield its S3."""
     binary = _weed_binary()
@@ -366,22 +387,8 @@ def seaweedfs(bucket: str = BUCKET) -> Iterator[S3Server]:
             "-admin.ui=false",
             "-master.telemetry=false",
         ]
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-        start = time.monotonic()
-        proc = _Process(argv, folder / "weed.log", env=env)
-        try:
-            server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, bucket)
-            _wait_until(lambda: _port_open(s3), proc, "SeaweedFS")
-            _wait_until(_create_bucket_when_ready(server), proc, "SeaweedFS's S3 gateway")
-            yield S3Server(
-                server.endpoint_url,
-                ACCESS_KEY,
-                SECRET_KEY,
-                bucket,
-                started_in=time.monotonic() - start,
-            )
-        finally:
-            proc.stop()
+        with _serve_s3(argv, folder / "weed.log", s3, bucket, "SeaweedFS") as server:
+            yield server
 
 
 @contextlib.contextmanager
@@ -395,23 +402,9 @@ def moto_s3(bucket: str = BUCKET) -> Iterator[S3Server]:
         ) from exc
     with _temp_folder("casml-moto-") as folder:
         (port,) = free_ports(1)
-        start = time.monotonic()
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-        proc = _Process(argv, folder / "moto.log", env=env)
-        try:
-            server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, bucket)
-            _wait_until(lambda: _port_open(port), proc, "moto's S3 server")
-            _wait_until(_create_bucket_when_ready(server), proc, "moto's S3 server")
-            yield S3Server(
-                server.endpoint_url,
-                ACCESS_KEY,
-                SECRET_KEY,
-                bucket,
-                started_in=time.monotonic() - start,
-            )
-        finally:
-            proc.stop()
+        with _serve_s3(argv, folder / "moto.log", port, bucket, "moto's S3 server") as server:
+            yield server
 
 
 # ---------------------------------------------------------------------------- databases
