@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -130,18 +130,7 @@ class GcReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict with the same field names."""
-        return {
-            "blobs_deleted": self.blobs_deleted,
-            "bytes_freed": self.bytes_freed,
-            "manifests_deleted": self.manifests_deleted,
-            "records_deleted": self.records_deleted,
-            "temp_files_deleted": self.temp_files_deleted,
-            "blobs_live": self.blobs_live,
-            "blobs_recent": self.blobs_recent,
-            "dry_run": self.dry_run,
-            "grace_seconds": self.grace_seconds,
-            "deleted": list(self.deleted),
-        }
+        return {**asdict(self), "deleted": list(self.deleted)}
 
 
 @dataclass(frozen=True)
