@@ -780,13 +780,22 @@ class BlobStore:
 
     def size(self, digest: str) -> int:
         """Return the stored size in bytes of blob ``digest``."""
+        return self._stat_blob(digest, lambda path: os.stat(path).st_size, self._generic_size)
+
+    def _generic_size(self, path: str) -> int:
+        if self._s3:
+            return int(self._s3_head(path)["ContentLength"])
+        return int(self.fs.size(path))
+
+    def _stat_blob(
+        self, digest: str, local: Callable[[str], _T], generic: Callable[[str], _T]
+    ) -> _T:
+        """Ask ``local`` or (retrying) ``generic`` about blob ``digest``'s file; clear errors."""
         path = self._object_path(digest)
         try:
             if self._local:
-                return os.stat(path).st_size
-            if self._s3:
-                return int(self._retrying(lambda: self._s3_head(path))["ContentLength"])
-            return int(self._retrying(lambda: self.fs.size(path)))
+                return local(path)
+            return self._retrying(lambda: generic(path))
         except FileNotFoundError as exc:
             raise self._not_found("blob", digest, path) from exc
         except CasmlError:
@@ -801,17 +810,11 @@ class BlobStore:
 
     def modified_time(self, digest: str) -> datetime | None:
         """Return when blob ``digest`` was last written or re-put (UTC), None if unknown."""
-        path = self._object_path(digest)
-        try:
-            if self._local:
-                return datetime.fromtimestamp(os.stat(path).st_mtime, tz=timezone.utc)
-            return self._retrying(lambda: self._generic_mtime(path))
-        except FileNotFoundError as exc:
-            raise self._not_found("blob", digest, path) from exc
-        except CasmlError:
-            raise
-        except Exception as exc:
-            raise _storage_error("stat", path, exc) from exc
+
+        def local(path: str) -> datetime | None:
+            return datetime.fromtimestamp(os.stat(path).st_mtime, tz=timezone.utc)
+
+        return self._stat_blob(digest, local, self._generic_mtime)
 
     def _generic_mtime(self, path: str) -> datetime | None:
         if self._s3:
