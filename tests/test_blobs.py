@@ -26,6 +26,7 @@ from casml.errors import (
     NotFoundError,
     StorageError,
 )
+from tests.processes import collect
 
 MiB = 1024 * 1024
 BACKENDS = ["local", "memory"]
@@ -396,12 +397,7 @@ def test_processes_writing_the_same_blob(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_process_writer, args=(root, barrier, queue)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = collect(procs, queue, timeout=60)
     chunks = results[0][0]
     assert len(chunks) == 4 and all(r[0] == chunks for r in results)
     assert sum(r[1] for r in results) == 4

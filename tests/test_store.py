@@ -27,6 +27,7 @@ from casml.errors import (
     UnregisteredClassError,
 )
 from casml.store import Store
+from tests.processes import collect
 
 
 def stored_files(root: Path) -> set[Path]:
@@ -351,12 +352,7 @@ def test_four_processes_putting_the_same_object(tmp_path: Path) -> None:
     barrier = ctx.Barrier(4)
     out = ctx.Queue()
     procs = [ctx.Process(target=_put_same, args=(root, barrier, out)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = collect(procs, out)
     assert len(set(results)) == 1
     with Store(root) as s:
         assert len(s.find()) == 1

@@ -18,6 +18,7 @@ import pytest
 import casml
 from casml.errors import CasmlError, NotFoundError
 from casml.store import Store
+from tests.processes import collect
 
 
 def objects_in(root: Path) -> tuple[int, int]:
@@ -204,12 +205,7 @@ def test_concurrent_writers_get_unique_gap_free_versions(tmp_path: Path, index_u
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_put_versions, args=(root, index_url, w, out)) for w in range(4)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = collect(procs, out)
     with Store(root, index=index_url) as s:
         versions = sorted(i.version or 0 for i in s.find(name="runs"))
     assert versions == list(range(1, 41))
